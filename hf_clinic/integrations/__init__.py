@@ -1,0 +1,1 @@
+"""Glue between hf-clinic and transformers / Accelerate."""
