@@ -49,10 +49,13 @@ from transformers import (
 
 from hf_clinic.admin import (
     ADMIN_ARCHITECTURES,
+    OMEGA_NAME,
     AdminExportError,
     apply_admin,
+    clear_residual_captures,
     closed_form_omega,
     export_vanilla,
+    find_residual_sites,
     paper_init,
 )
 
@@ -236,6 +239,21 @@ def test_profile_pools_batches_and_keeps_omega_at_least_one_under_hf_init():
     assert report.omegas("encoder")[1] == pytest.approx(math.sqrt(1 + vf / vx), rel=1e-6)
 
 
+def test_profiling_is_a_training_mode_forward_without_update():
+    # Dropout on (the official pass runs in training mode), no autograd graph, no parameter change, mode restored.
+    model = tiny_marian().eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seen = []  # Marian's dropout is functional, gated by the calling module's `training` flag
+    for module in (model.model.encoder.layers[0].self_attn, model.model.decoder.layers[1].fc1):
+        module.register_forward_pre_hook(lambda m, a: seen.append((m.training, torch.is_grad_enabled())))
+    apply_admin(model, [seq2seq_batch()])
+    assert sum(training for training, _ in seen) >= 2 and not any(grad for _, grad in seen)
+    assert not model.training and not any(m.training for m in model.modules())
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_closed_form_matches_admin_torch_values():
     # sqrt((N+1)/ln(N+1) - 1) by hand, and admin-torch's README/admin.md examples.
     for n, value in ((24, 2.601), (12, 2.017), (18, 2.335), (36, 3.041), (200, 6.075)):
@@ -378,6 +396,80 @@ def test_marian_non_exportable_mode_and_export_error_names_the_site():
         omegas(model)[first][3] = 1.25  # "trained": per-dimension ω₁
     with pytest.raises(AdminExportError, match="first encoder sublayer.*exportable=True"):
         export_vanilla(model)
+
+
+def test_find_residual_sites_public_api():
+    # The public site lookup (used by hf_clinic.diagnostics): forward order, the stock modules, ω when present.
+    model = tiny_marian()
+    sites = find_residual_sites(model)
+    enc, dec = model.model.encoder.layers, model.model.decoder.layers
+    expected = [
+        ("encoder", 1, "attention", enc[0].self_attn_layer_norm, enc[0].self_attn),
+        ("encoder", 2, "ffn", enc[0].final_layer_norm, enc[0].fc1),
+        ("encoder", 3, "attention", enc[1].self_attn_layer_norm, enc[1].self_attn),
+        ("encoder", 4, "ffn", enc[1].final_layer_norm, enc[1].fc1),
+    ]
+    for layer in dec:
+        expected += [
+            ("decoder", None, "attention", layer.self_attn_layer_norm, layer.self_attn),
+            ("decoder", None, "cross_attention", layer.encoder_attn_layer_norm, layer.encoder_attn),
+            ("decoder", None, "ffn", layer.final_layer_norm, layer.fc1),
+        ]
+    assert len(sites) == len(expected) == 10
+    for k, (site, (stack, index, kind, norm, entry)) in enumerate(zip(sites, expected, strict=True)):
+        assert (site.stack, site.kind, site.wiring) == (stack, kind, "residual_capture")
+        assert site.index == (index if index is not None else k - 3)
+        assert site.norm is norm and site.entry is entry and model.get_submodule(site.norm_name) is norm
+        assert site.omega is None  # no Admin yet
+    report = apply_admin(model, omega="closed_form")
+    sites = find_residual_sites(model)
+    assert [s.norm_name for s in sites] == [s.name for s in report.sites]
+    params = dict(model.named_parameters())
+    for site, entry in zip(sites, report.sites, strict=True):
+        if entry.fixed:
+            assert site.omega is None
+        else:
+            assert site.omega is params[f"{site.norm_name}.{OMEGA_NAME}"]
+    t5_sites = find_residual_sites(tiny_t5())
+    assert [s.wiring for s in t5_sites] == ["branch_gain"] * 10 and t5_sites[-1].kind == "ffn"
+    with pytest.raises(ValueError, match="Unsupported model type"):
+        find_residual_sites(DistilBertModel(DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=4)))
+
+
+def test_clear_residual_captures_releases_an_interrupted_forward():
+    import gc
+    import weakref
+
+    model = tiny_marian().eval()
+    apply_admin(model, omega="closed_form")
+    layer = model.model.encoder.layers[1]
+    refs = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(module, args):
+        refs.append(weakref.ref(args[0]))
+
+    def stop(module, args):
+        raise Stop
+
+    handles = [
+        layer.self_attn.register_forward_pre_hook(capture),
+        layer.self_attn_layer_norm.register_forward_pre_hook(stop, prepend=True),
+    ]
+    batch = seq2seq_batch()
+    with torch.no_grad(), pytest.raises(Stop):
+        model(**batch)
+    for handle in handles:
+        handle.remove()
+    gc.collect()
+    assert refs[0]() is not None  # the interrupted forward left the residual referenced by Admin's capture
+    clear_residual_captures(model)
+    gc.collect()
+    assert refs[0]() is None
+    with torch.no_grad():
+        model(**batch)  # and the model runs normally afterwards
 
 
 # --- bad input ----------------------------------------------------------------------------------------------------

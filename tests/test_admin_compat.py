@@ -1,8 +1,8 @@
 """Admin keeps working with the rest of the stack: checkpointing, torch.compile, attention backends, bf16, deepcopy,
-PEFT LoRA, weight decay, and save/load (hf_clinic loader vs stock `from_pretrained`).
+PEFT LoRA, weight decay, a plain Accelerate loop, and save/load (hf_clinic loader vs stock `from_pretrained`).
 
-References: the same model without the feature (eager attention, no checkpointing, fp32, no LoRA), and stock
-transformers' own loading report.
+References: the same model without the feature (eager attention, no checkpointing, fp32, no LoRA, a plain PyTorch
+loop instead of Accelerate), and stock transformers' own loading report.
 """
 
 import copy
@@ -10,6 +10,8 @@ import logging
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from peft import LoraConfig, get_peft_model
 from tiny_models import (
     classification_batch,
@@ -212,6 +214,51 @@ def test_omega_gets_no_weight_decay():
                 assert group["weight_decay"] == 0.0
 
 
+def test_plain_accelerate_loop_trains_omega():
+    # apply_admin before `accelerator.prepare`; gradient accumulation through `accelerator.accumulate`. Reference: the
+    # same Admin model trained by a plain PyTorch loop with manual accumulation.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch.manual_seed(0)
+    model = tiny_marian(**NO_DROPOUT["marian"])
+    batches = [seq2seq_batch(generator=torch.Generator().manual_seed(k)) for k in range(4)]
+    report = apply_admin(model, batches[:2])
+    reference = copy.deepcopy(model)
+
+    def optimizer_for(m):
+        return torch.optim.AdamW(hf_clinic.param_groups(m, weight_decay=0.1), lr=1e-2)
+
+    try:
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+        model, optimizer = accelerator.prepare(model, optimizer_for(model))
+        model.train()
+        for batch in batches:
+            with accelerator.accumulate(model):
+                accelerator.backward(model(**batch).loss)
+                optimizer.step()
+                optimizer.zero_grad()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    ref_optimizer = optimizer_for(reference)
+    reference.train()
+    for k, batch in enumerate(batches):
+        (reference(**batch).loss / 2).backward()
+        if k % 2 == 1:
+            ref_optimizer.step()
+            ref_optimizer.zero_grad()
+
+    trained = dict(accelerator.unwrap_model(model).named_parameters())
+    for name, p in reference.named_parameters():
+        assert torch.allclose(trained[name], p, atol=1e-6, rtol=1e-5), name
+    for entry in report.sites:
+        if not entry.fixed:  # ω was trained away from its profiled value, without weight decay
+            omega = trained[entry.name + ".admin_omega"]
+            assert not torch.allclose(omega, torch.full_like(omega, entry.omega))
+            group = next(g for g in optimizer.param_groups if any(q is omega for q in g["params"]))
+            assert group["weight_decay"] == 0.0
+
+
 class _Records(logging.Handler):
     def __init__(self):
         super().__init__()
@@ -244,6 +291,8 @@ def test_save_and_load(tmp_path):
     assert stock.config.admin["note"].startswith("hf-clinic Admin checkpoint")
     with pytest.raises(ValueError, match="stock `from_pretrained`.*hf_clinic.load_admin"):
         apply_admin(stock, omega="closed_form")
+    with pytest.raises(ValueError, match="stock `from_pretrained`.*hf_clinic.load_admin"):
+        export_vanilla(stock)
 
     # The hf_clinic loader restores the exact model.
     loaded = load_admin(tmp_path).eval()

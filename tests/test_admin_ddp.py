@@ -35,6 +35,13 @@ def test_functional_profile_is_pooled_over_ranks(results):
     assert max(r0["functional_omegas"]) > 1.0
 
 
+def test_plain_accelerate_ddp_loop_trains_identical_omega(results):
+    r0, r1 = results["ranks"]
+    assert r0["loop_omega"] == r1["loop_omega"]
+    # ω starts as a scalar fill; after two DDP steps every vector has been trained per dimension.
+    assert len(r0["loop_omega"]) == 8 and all(len(set(vector)) > 1 for vector in r0["loop_omega"])
+
+
 def test_trainer_callback_sets_identical_omega_on_both_ranks(results):
     r0, r1 = results["ranks"]
     assert r0["trainer_first_batch"] != r1["trainer_first_batch"]  # each rank profiled its own shard

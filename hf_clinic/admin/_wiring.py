@@ -25,10 +25,10 @@ import inspect
 import torch
 from torch import nn
 
-from .sites import AdminArchitecture
+from .sites import OMEGA_NAME, AdminArchitecture
 
 
-OMEGA = "admin_omega"
+OMEGA = OMEGA_NAME
 _NORM_REF = "_admin_norm"  # entry module -> norm module holding ω (non-registered back-reference)
 _RESIDUAL = "_admin_residual"  # norm module -> residual captured for the current call (residual_capture wiring)
 

@@ -55,6 +55,7 @@ __all__ = [
     "AdminReport",
     "AdminSite",
     "apply_admin",
+    "clear_residual_captures",
     "closed_form_omega",
     "has_admin",
     "omega_summary",
@@ -173,6 +174,17 @@ def omega_summary(model: nn.Module) -> dict[str, float]:
         "admin/omega_min": flat.min().item(),
         "admin/omega_max": flat.max().item(),
     }
+
+
+def clear_residual_captures(model: nn.Module) -> None:
+    """Drop the residuals Admin's capture wiring (Marian, BART) recorded during a forward that was stopped midway.
+
+    The `residual_capture` wiring stores each sublayer's residual on its norm between the branch entry and the norm,
+    and clears it when the norm runs. A forward interrupted in between (a hook that raises to stop early, an error)
+    leaves the last residual referenced. Tools that stop forwards early should call this afterwards; it is a no-op
+    for other wirings and for models without Admin.
+    """
+    _wiring.clear_captures(model)
 
 
 def _check_unwrapped(model: nn.Module) -> None:

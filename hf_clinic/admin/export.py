@@ -78,6 +78,12 @@ def export_vanilla(model: nn.Module, *, sites: AdminArchitecture | None = None) 
     if type(model).__name__.startswith("Peft"):
         raise ValueError("export_vanilla got a PEFT model: call `model = model.merge_and_unload()` first")
     if not has_admin(model):
+        if getattr(getattr(model, "config", None), MARKER, None):
+            raise ValueError(
+                f"export_vanilla: this {type(model).__name__} has an Admin marker in its config (`config.admin`) but "
+                "no admin_omega parameters: it was most likely loaded from an Admin checkpoint with stock "
+                "`from_pretrained`, which drops ω. Reload it with `hf_clinic.load_admin(path)` and export that."
+            )
         raise ValueError(f"export_vanilla: this {type(model).__name__} has no Admin parameters (admin_omega)")
     model_type, arch = resolve_architecture(model, sites)
     out = copy.deepcopy(model)

@@ -27,11 +27,17 @@ from torch import nn
 
 __all__ = [
     "ADMIN_ARCHITECTURES",
+    "OMEGA_NAME",
     "AdminArchitecture",
+    "ResidualSite",
     "StackSpec",
     "SublayerSpec",
+    "find_residual_sites",
     "resolve_architecture",
 ]
+
+OMEGA_NAME = "admin_omega"
+"""Name of Admin's ω parameter on the norm module of each residual sublayer (state-dict keys end with it)."""
 
 Wiring = Literal["residual_arg", "residual_capture", "branch_gain"]
 
@@ -271,3 +277,79 @@ def resolve_architecture(model: nn.Module, sites: AdminArchitecture | None = Non
             "`sites=`); otherwise describe it with an `AdminArchitecture`."
         )
     return model_type, ADMIN_ARCHITECTURES[model_type]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ResidualSite:
+    """One residual sublayer of a concrete model, located through [`ADMIN_ARCHITECTURES`].
+
+    Attributes:
+        stack (`str`): `"encoder"` or `"decoder"`.
+        index (`int`): 1-based position of the sublayer in its stack, in forward order.
+        kind (`str`): `"attention"`, `"cross_attention"` or `"ffn"`.
+        norm_name (`str`): qualified name of `norm` in the model (the name [`AdminReport`] uses for the site).
+        norm (`nn.Module`): Post-LN: the norm that consumes the residual sum `b_i`. T5: the sublayer's pre-norm,
+            whose input is the residual stream `x_{i-1}`. Holds `admin_omega` when Admin is applied.
+        entry (`nn.Module`): `residual_arg` wiring: the module called as `entry(branch_input, residual)`, whose
+            second argument is the residual. `residual_capture`: the branch's first module, whose first input is the
+            residual. `branch_gain`: the branch, whose output (first element, for attention) is `F_i`.
+        wiring (`str`): `"residual_arg"`, `"residual_capture"` or `"branch_gain"` (see [`AdminArchitecture`]).
+    """
+
+    stack: str
+    index: int
+    kind: str
+    norm_name: str
+    norm: nn.Module = dataclasses.field(repr=False)
+    entry: nn.Module = dataclasses.field(repr=False)
+    wiring: str
+
+    @property
+    def omega(self) -> nn.Parameter | None:
+        """The site's `admin_omega` parameter; `None` without Admin, or for a site fixed at ω = 1 (Marian's first)."""
+        return self.norm._parameters.get(OMEGA_NAME)
+
+
+def find_residual_sites(model: nn.Module, *, sites: AdminArchitecture | None = None) -> list[ResidualSite]:
+    """Locate every residual sublayer of `model` (with or without Admin applied), in forward order per stack.
+
+    This is the public view of the table lookup that [`apply_admin`] uses; analysis tools (e.g.
+    `hf_clinic.diagnostics`) hook `site.entry` and `site.norm` to observe residuals and branches. Stacks the model
+    does not have (the decoder of an encoder-only T5) are skipped; optional sublayers that are absent (BERT
+    cross-attention) are left out. Nothing is changed on the model.
+
+    Args:
+        model (`PreTrainedModel`): a plain model (unwrap DDP, `torch.compile` and PEFT first) whose
+            `config.model_type` is in [`ADMIN_ARCHITECTURES`], or any model described by `sites`.
+        sites (`AdminArchitecture`, *optional*): a table entry to use instead of the one for `config.model_type`.
+
+    Returns:
+        `list[ResidualSite]`: the encoder's sublayers, then the decoder's.
+
+    Raises:
+        `ValueError`: unsupported model type (the message lists the supported ones), or the model lacks a module
+        the table names (e.g. a Pre-LN variant with a Post-LN entry).
+
+    Example:
+
+    ```py
+    >>> from hf_clinic.admin import find_residual_sites
+    >>> [(s.stack, s.index, s.kind) for s in find_residual_sites(model)][:2]
+    [('encoder', 1, 'attention'), ('encoder', 2, 'ffn')]
+    ```
+    """
+    from . import _wiring  # _wiring imports this module
+
+    model_type, arch = resolve_architecture(model, sites)
+    return [
+        ResidualSite(
+            stack=s.stack,
+            index=s.index,
+            kind=s.kind,
+            norm_name=s.norm_name,
+            norm=s.norm,
+            entry=s.entry,
+            wiring=arch.wiring,
+        )
+        for s in _wiring.find_sites(model, arch, model_type)
+    ]

@@ -2,7 +2,8 @@
 
 1. Functional (`apply_admin` before `accelerator.prepare`): each rank profiles a *different* batch; the statistics
    are all-reduced, so both ranks must get the same ω, equal to a single-process profile over both ranks' batches
-   (computed here before the process group exists, dropout 0 so it is deterministic).
+   (computed here before the process group exists, dropout 0 so it is deterministic). Then two DDP steps of a plain
+   Accelerate loop: ω is trained and stays identical on both ranks.
 2. Trainer + AdminCallback (dropout on, 3 steps): both ranks profile their own first batch and must set the same ω;
    after training every parameter, ω included, must be identical on both ranks.
 
@@ -57,7 +58,15 @@ def main(out_dir):
     model = build()
     report = apply_admin(model, [batches[rank]])
     local_first_site = report.sites[0].var_residual
-    model = accelerator.prepare(model)
+    # A plain Accelerate loop: prepare after apply_admin, then two DDP steps on each rank's own batch.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    for _ in range(2):
+        accelerator.backward(model(**batches[rank]).loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    loop_omega = [p.detach().tolist() for n, p in model.named_parameters() if n.endswith("admin_omega")]
 
     # --- Trainer + AdminCallback -------------------------------------------------------------------------------
     g = torch.Generator().manual_seed(0)
@@ -93,6 +102,7 @@ def main(out_dir):
         "functional_num_processes": report.num_processes,
         "local_var_x0": local_first_site,
         "functional_batch": digest(batches[rank]["input_ids"]),
+        "loop_omega": loop_omega,
         "trainer_profiled": probe.profiled,
         "trainer_report_num_processes": callback.report.num_processes,
         "trainer_first_batch": seen[0],
