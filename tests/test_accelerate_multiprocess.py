@@ -111,7 +111,6 @@ def test_fsdp2_trust_ratios_are_computed_on_full_parameters(results, run):
             assert bool(step["telemetry"]) is (run != "lamb_partially_sharded")  # switched off there
 
 
-@pytest.mark.xfail(reason="LARS foreach uses torch._foreach_copy_, which DTensor does not support yet", strict=False)
 def test_fsdp2_lars_foreach(results):
     test_fsdp2_trust_ratios_are_computed_on_full_parameters(results, "lars_foreach")
 

@@ -417,8 +417,9 @@ def _multi_tensor_lars(
             bufs = [momentum_buffers[i] for i in indices]
             first = [j for j, i in enumerate(indices) if state_steps[i].item() == 1]
             later = [j for j in range(len(indices)) if state_steps[indices[j]].item() != 1] if first else None
-            if first:
-                torch._foreach_copy_([bufs[j] for j in first], [update[j] for j in first])
+            # Once per tensor, so a plain loop: DTensor (FSDP2) has no `_foreach_copy_`.
+            for j in first:
+                bufs[j].copy_(update[j])
             if later is None:
                 torch._foreach_mul_(bufs, momentum)
                 torch._foreach_add_(bufs, update, alpha=1 - dampening)
