@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
+from .integrations.accelerate import check_sharding_support
 from .optim import GeneralizedSignSGD, Lamb, Lars, RAdam
 from .optim.lamb import LAMB_PRESETS
 from .param_groups import param_groups
@@ -122,6 +123,8 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **kw
 
     Raises:
         ValueError: for an unknown name (the message lists every valid name) or an invalid hyperparameter.
+        NotImplementedError: for a model under a sharded backend the optimizer would step wrongly (FSDP1, DeepSpeed
+            ZeRO-3, and ZeRO-1/2 for LAMB/LARS); see `hf_clinic.integrations.accelerate.check_sharding_support`.
 
     Example:
         ```python
@@ -136,6 +139,8 @@ def create_optimizer(model_or_params: nn.Module | Iterable[Any], name: str, **kw
     info = get_optimizer_info(name)
     options = {**info.defaults, **kwargs}
     if isinstance(model_or_params, nn.Module):
+        # The Trainer path checks this in its handler; plain Accelerate loops come through here.
+        check_sharding_support(info.optimizer_class, model=model_or_params)
         weight_decay = options.get("weight_decay", info.resolved_defaults.get("weight_decay", 0.0))
         params = param_groups(model_or_params, weight_decay)
     else:

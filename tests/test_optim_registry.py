@@ -165,6 +165,17 @@ def test_create_optimizer_on_a_module_uses_param_groups():
     assert [g["weight_decay"] for g in create_optimizer(model, "lamb_optax").param_groups] == [0.0, 0.0]
 
 
+def test_create_optimizer_refuses_a_zero3_partitioned_model():
+    # DeepSpeed ZeRO-3 marks its partitioned parameters with `ds_id`; their local tensors are empty placeholders.
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8))
+    for i, p in enumerate(model.parameters()):
+        p.ds_id = i
+    for name in ("radam", "lamb"):
+        with pytest.raises(NotImplementedError, match="ZeRO-3"):
+            create_optimizer(model, name)
+    create_optimizer(list(model.parameters()), "radam")  # explicit params: the caller owns the grouping
+
+
 def test_lamb_and_lars_honour_layer_adaptation_from_param_groups():
     """The no-decay group of a real model gets no trust ratio, even with adapt='all'."""
     torch.manual_seed(0)
