@@ -1,4 +1,4 @@
-"""Translation results (issue 6): Multi30k en->de, a 6+6-layer Marian from scratch, Adam + warmup vs RAdam vs RAdam + Admin.
+"""Translation results (issue 6): Multi30k en->de, 6+6 Marian from scratch: Adam + warmup vs RAdam vs RAdam + Admin.
 
 Every run is the translation recipe itself (`recipes/translation.py`) started as a subprocess on the full, real
 Multi30k task-1 data staged offline (`../shared/data/multi30k/task1/raw`: 29,000 training pairs, val 1,014,
@@ -8,7 +8,7 @@ test_2016_flickr 1,000), same seed, same model and data:
   embeddings, a joint 8,000-piece Unigram tokenizer trained on the training pairs; the Admin paper's from-scratch
   init (`--paper_init`: Xavier-uniform linears, N(0, d^-1/2) embeddings) for all three runs;
 * training: batch 128 sentence pairs (batches grouped by length, to cut padding on CPU), lr 5e-4 with linear decay,
-  beta2 0.98, weight decay 1e-4, label smoothing 0.1, max_grad_norm 1.0, 12 epochs;
+  beta2 0.98, weight decay 1e-4, label smoothing 0.1, max_grad_norm 1.0, 12 epochs by default;
 * `adam_warmup`: `--optim adamw_torch --no_admin`, linear warmup over 8% of the steps (~270);
 * `radam`: `--optim radam --no_admin`, no warmup;
 * `radam_admin`: `--optim radam --admin` (ω profiled on the first batch), no warmup: the recipe's defaults;
@@ -18,11 +18,15 @@ test_2016_flickr 1,000), same seed, same model and data:
 Target from the issue: BLEU >= 30 on test_2016_flickr for the best configuration.
 
 CPU budget: the issue's "6+6-layer Marian" is the Transformer-base depth; on 2 CPU cores d_model is reduced to 256
-(Transformer-small widths) and training to 12 epochs. Use `--epochs`, `--d_model`, `--ffn_dim` to change that; the
-summary states what was run.
+(Transformer-small widths) and training to 12 epochs (~6 h for the three runs). Reduced runs: `--epochs` (fractions
+allowed), `--max_train_samples`, `--max_eval_samples` (validation pairs; 0 skips the validation evaluation),
+`--max_predict_samples`, `--beams`, `--threads`, `--d_model`, `--ffn_dim`. `results.json` and the summary state
+exactly what was run: epochs, optimizer steps, model and data sizes, beams, threads, and each run's wall and CPU time
+(training and evaluation separately).
 
 Usage:
     nice -n 10 python benchmarks/mt_results.py                      # full runs (hours on 2 CPU cores)
+    nice -n 10 python benchmarks/mt_results.py --epochs 1 --max_eval_samples 0 --threads 1   # a reduced run
     nice -n 10 python benchmarks/mt_results.py --smoke              # a few steps of every run: checks the pipeline
     python benchmarks/mt_results.py --report-only --update-results  # re-plot + rewrite the RESULTS.md section
 
@@ -34,11 +38,13 @@ the section "Translation recipe (issue 6)" of `benchmarks/RESULTS.md`.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import os
 import platform
 import re
+import resource
 import shlex
 import subprocess
 import sys
@@ -58,44 +64,40 @@ CONFIGS = {
     "radam_admin": ["--optim", "radam", "--admin", "--warmup_steps", "0"],
 }
 LABELS = {"adam_warmup": "Adam + 8% warmup", "radam": "RAdam, no warmup", "radam_admin": "RAdam + Admin, no warmup"}
+# What a run is, besides its configuration: saved in results.json and restored by --report-only.
+SETUP_KEYS = (
+    "epochs", "d_model", "heads", "ffn_dim", "batch_size", "beams", "threads",
+    "max_train_samples", "max_eval_samples", "max_predict_samples", "smoke",
+)  # fmt: skip
+SMOKE = {"max_steps": 3, "max_train_samples": 512, "max_eval_samples": 32, "max_predict_samples": 32, "beams": 2}
 
 
 def command(config: str, args, out_dir: Path) -> list[str]:
+    evaluate_val = args.max_eval_samples != 0
     # fmt: off
     cmd = [
         sys.executable, "recipes/translation.py",
         "--data_dir", str(args.data_dir), "--source_lang", "en", "--target_lang", "de",
         "--train_split", "train", "--validation_split", "val", "--test_split", "test_2016_flickr",
-        "--do_train", "--do_eval", "--do_predict",
+        "--do_train", "--do_eval", str(evaluate_val).lower(), "--do_predict",
         "--model_type", "marian", "--encoder_layers", "6", "--decoder_layers", "6", "--d_model", str(args.d_model),
         "--attention_heads", str(args.heads), "--ffn_dim", str(args.ffn_dim), "--vocab_size", "8000",
         "--paper_init", *CONFIGS[config],
         "--learning_rate", "5e-4", "--lr_scheduler_type", "linear", "--adam_beta2", "0.98",
         "--weight_decay", "1e-4", "--label_smoothing_factor", "0.1", "--max_grad_norm", "1.0",
-        "--num_train_epochs", str(args.epochs), "--per_device_train_batch_size", "128",
-        "--per_device_eval_batch_size", "64", "--generation_num_beams", "5", "--generation_max_length", "128",
+        "--num_train_epochs", str(args.epochs), "--per_device_train_batch_size", str(args.batch_size),
+        "--per_device_eval_batch_size", "64", "--generation_num_beams", str(args.beams),
+        "--generation_max_length", "32" if args.smoke else "128",
         "--train_sampling_strategy", "group_by_length",
-        "--logging_steps", "20", "--save_strategy", "no", "--eval_strategy", "no",
+        "--logging_steps", "1" if args.smoke else "20", "--save_strategy", "no", "--eval_strategy", "no",
         "--seed", "42", "--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(out_dir),
     ]
     # fmt: on
+    for key in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+        if getattr(args, key):
+            cmd += [f"--{key}", str(getattr(args, key))]
     if args.smoke:
-        cmd += [
-            "--max_steps",
-            "3",
-            "--max_train_samples",
-            "512",
-            "--max_eval_samples",
-            "32",
-            "--max_predict_samples",
-            "32",
-            "--logging_steps",
-            "1",
-            "--generation_num_beams",
-            "2",
-            "--generation_max_length",
-            "32",
-        ]
+        cmd += ["--max_steps", str(SMOKE["max_steps"])]
     return cmd
 
 
@@ -103,12 +105,16 @@ def run(config: str, args, work: Path) -> dict:
     out_dir = work / config
     cmd = command(config, args, out_dir)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     printable = " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
+    if args.threads:
+        printable = f"OMP_NUM_THREADS={args.threads} {printable}"
     print(f"\n=== {config}\n{printable}", flush=True)
-    start = time.time()
+    start, cpu_start = time.time(), _children_cpu_s()
     with open(work / f"{config}.log", "w", encoding="utf-8") as log:
         result = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    wall = time.time() - start
+    wall, cpu = time.time() - start, _children_cpu_s() - cpu_start
     if result.returncode != 0:
         raise SystemExit(f"{config} failed ({result.returncode}); see {work / f'{config}.log'}")
     metrics = json.loads((out_dir / "all_results.json").read_text())
@@ -118,12 +124,26 @@ def run(config: str, args, work: Path) -> dict:
         "config": config,
         "command": printable,
         "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),  # user + system time of the run's process (its children included)
+        "train_s": metrics.get("train_runtime"),
+        "eval_s": round(metrics.get("eval_runtime", 0) + metrics.get("test_runtime", 0), 1),
         "epochs": args.epochs,
+        "epochs_run": state.get("epoch"),  # what was trained (less than `epochs` under --smoke's max_steps)
         "optimizer_steps": state["global_step"],
         "metrics": metrics,
         "loss_curve": losses,
         "status": _status(losses),
     }
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _num_lines(path: Path) -> int:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return sum(1 for _ in f)
 
 
 def _status(losses) -> str:
@@ -166,35 +186,56 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def summary(results: list[dict], args, out: Path) -> str:
+    sizes = {split: _num_lines(args.data_dir / f"{split}.en.gz") for split in ("train", "val", "test_2016_flickr")}
+
+    def used(limit, total):
+        return total if limit is None else min(limit, total)
+
+    n_train, n_val = used(args.max_train_samples, sizes["train"]), used(args.max_eval_samples, sizes["val"])
+    n_test = used(args.max_predict_samples, sizes["test_2016_flickr"])
+    threads = f"{args.threads} thread(s) per run" if args.threads else "torch's default threads"
     lines = []
     if args.smoke:
         lines.append(
-            "**SMOKE RUN (3 steps on 512 training pairs, 32 val/test pairs): checks the pipeline, not results.**\n"
+            f"**SMOKE RUN ({SMOKE['max_steps']} steps on {n_train} training pairs, {n_val} val / {n_test} test pairs): "
+            "checks the pipeline, not results.**\n"
         )
+    reduced = [f"{args.epochs:g} epoch(s)"]
+    if n_train < sizes["train"]:
+        reduced.append(f"the first {n_train:,} of the {sizes['train']:,} training pairs")
     lines += [
         f"A 6+6-layer Post-LN Marian (d_model {args.d_model}, {args.heads} heads, FFN {args.ffn_dim}; reduced from "
-        "Transformer-base widths for the CPU budget) trained from scratch with `recipes/translation.py` on the full "
-        f"Multi30k en→de data, offline, {args.epochs:g} epochs (reduced for the CPU budget), seed 42, on "
-        f"{platform.processor() or platform.machine()} with {os.cpu_count()} CPU cores. BLEU/chrF: sacrebleu "
-        "(13a, cased, detokenized), beam 5. Produced by `python benchmarks/mt_results.py`; each row's exact command "
-        "is in `results.json`.",
+        "Transformer-base widths for the CPU budget) trained from scratch with `recipes/translation.py` on Multi30k "
+        f"en→de, offline, seed 42, batch {args.batch_size} pairs, {' on '.join(reduced)} (reduced for the CPU budget). "
+        f"BLEU/chrF: sacrebleu (13a, cased, detokenized), beam {args.beams}, on "
+        + (f"val ({n_val:,} pairs) and " if n_val else "")
+        + f"test_2016_flickr ({n_test:,} pairs){'' if n_val else '; validation not evaluated'}. "
+        f"Hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {threads}. "
+        "Produced by `python benchmarks/mt_results.py`; each row's exact command is in `results.json`.",
         "",
-        "| configuration | optimizer steps | final train loss | status | val BLEU | test_2016_flickr BLEU | test chrF | wall time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| configuration | epochs | optimizer steps | final train loss | status | val BLEU | test_2016_flickr BLEU "
+        "| test chrF | training time | evaluation time | wall time (CPU time) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    nan = float("nan")
     for r in results:
         m = r["metrics"]
-        last = r["loss_curve"][-1][1] if r["loss_curve"] else float("nan")
+        last = r["loss_curve"][-1][1] if r["loss_curve"] else nan
+        cpu = f" ({r['cpu_s'] / 60:.1f} min)" if r.get("cpu_s") is not None else ""
+        train_s = r.get("train_s") or m.get("train_runtime", nan)
+        eval_s = r.get("eval_s", m.get("eval_runtime", 0) + m.get("test_runtime", 0))
         lines.append(
-            f"| {LABELS[r['config']]} | {r['optimizer_steps']} | {last:.3f} | {r['status']} | "
-            f"{m.get('eval_bleu', float('nan')):.2f} | {m.get('test_bleu', float('nan')):.2f} | "
-            f"{m.get('test_chrf', float('nan')):.2f} | {r['wall_s'] / 60:.1f} min |"
+            f"| {LABELS[r['config']]} | {r.get('epochs_run') or r['epochs']:.3g} | {r['optimizer_steps']} | {last:.3f} | {r['status']} | "
+            f"{m.get('eval_bleu', nan):.2f} | {m.get('test_bleu', nan):.2f} | {m.get('test_chrf', nan):.2f} | "
+            f"{train_s / 60:.1f} min | {eval_s / 60:.1f} min | {r['wall_s'] / 60:.1f} min{cpu} |"
         )
     best = max(results, key=lambda r: r["metrics"].get("test_bleu", -1))
-    bleu = best["metrics"].get("test_bleu", float("nan"))
+    bleu = best["metrics"].get("test_bleu", nan)
+    total = sum(r["wall_s"] for r in results) / 60
     lines += [
         "",
-        f"Best: {LABELS[best['config']]}, test BLEU {bleu:.2f} ({'meets' if bleu >= 30 else 'misses'} the BLEU >= 30 target).",
+        f"Best: {LABELS[best['config']]}, test BLEU {bleu:.2f} ({'meets' if bleu >= 30 else 'misses'} the BLEU >= 30 "
+        f"target). Total wall time: {total:.0f} min.",
         "",
         f"![mt]({(out / 'mt_loss.png').relative_to(ROOT / 'benchmarks').as_posix()})",
     ]
@@ -214,16 +255,27 @@ def update_results_md(section: str, body: str) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, from: " + ", ".join(CONFIGS))
-    parser.add_argument("--epochs", type=float, default=12)
+    parser.add_argument("--epochs", type=float, default=12, help="training epochs per run (fractions allowed)")
     parser.add_argument("--d_model", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--ffn_dim", type=int, default=1024)
+    parser.add_argument("--batch_size", type=int, default=128, help="sentence pairs per optimizer step")
+    parser.add_argument("--beams", type=int, default=5, help="beam size of the BLEU evaluation")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run (default: inherited)")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="first N training pairs (default: all)")
+    parser.add_argument(
+        "--max_eval_samples", type=int, default=None, help="first N val pairs (default: all; 0: no val evaluation)"
+    )
+    parser.add_argument("--max_predict_samples", type=int, default=None, help="first N test pairs (default: all)")
     parser.add_argument("--data_dir", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="3 steps per run on a few pairs")
     parser.add_argument("--report-only", action="store_true", help="re-plot and summarise an existing results.json")
     parser.add_argument("--update-results", action="store_true", help="rewrite the section in benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
+    if args.smoke:
+        for key in ("max_train_samples", "max_eval_samples", "max_predict_samples", "beams"):
+            setattr(args, key, SMOKE[key])
     out = args.out or (WORK / "mt_smoke" if args.smoke else OUT)
     work = WORK / ("mt_smoke_runs" if args.smoke else "mt")
     out.mkdir(parents=True, exist_ok=True)
@@ -238,25 +290,14 @@ def main(argv=None):
     if args.report_only:
         saved = json.loads(results_path.read_text())
         results = saved["runs"]
-        for key in ("epochs", "d_model", "heads", "ffn_dim", "smoke"):
+        for key in SETUP_KEYS:
             setattr(args, key, saved.get(key, getattr(args, key)))
     else:
         results = []
         for config in configs:
             results.append(run(config, args, work))
-            results_path.write_text(
-                json.dumps(
-                    {
-                        "smoke": args.smoke,
-                        "epochs": args.epochs,
-                        "d_model": args.d_model,
-                        "heads": args.heads,
-                        "ffn_dim": args.ffn_dim,
-                        "runs": results,
-                    },
-                    indent=1,
-                )
-            )
+            setup = {key: getattr(args, key) for key in SETUP_KEYS}
+            results_path.write_text(json.dumps({**setup, "runs": results}, indent=1))
     plot(results, out / "mt_loss.png")
     text = summary(results, args, out)
     (out / "summary.md").write_text(text + "\n", encoding="utf-8")

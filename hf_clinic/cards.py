@@ -317,10 +317,12 @@ def admin_summary(model, report=None) -> dict[str, Any] | None:
     Returns:
         `dict` or `None`: `None` when the model carries no Admin parameter.
     """
+    from .admin import OMEGA_NAME
+
     trained = {}
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.endswith("admin_omega"):
-            trained[name[: -len(".admin_omega")]] = float(tensor.detach().float().mean())
+        if name.endswith(f".{OMEGA_NAME}"):
+            trained[name[: -len(OMEGA_NAME) - 1]] = float(tensor.detach().float().mean())
     if not trained:
         return None
     sites = []

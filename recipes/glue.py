@@ -21,10 +21,8 @@
 # ######################################################################################################################
 
 import csv
-import json
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +31,16 @@ import datasets
 import numpy as np
 import transformers
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from recipe_utils import (  # hf-clinic
+    ClinicArguments,
+    clinic_callbacks,
+    load_model_config,
+    resolve_checkpoint,
+    take_push_to_hub,
+)
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from transformers import (
-    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -46,11 +50,10 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 import hf_clinic  # noqa: F401  hf-clinic: registers --optim radam|lamb|lars|gsignsgd|... (and clip-aware schedule names)
-from hf_clinic.cards import MetricResult, command_line, record_from_trainer, render_model_card  # hf-clinic
-from hf_clinic.hub import push_folder_to_hub, save_for_hub  # hf-clinic
+from hf_clinic.cards import MetricResult, command_line  # hf-clinic
+from hf_clinic.hub import publish_from_trainer  # hf-clinic
 
 
 logger = logging.getLogger(__name__)
@@ -163,37 +166,6 @@ class DataArguments:
         self.task_name = self.task_name.lower()
         if self.task_name not in GLUE_TASKS:
             raise ValueError(f"Unknown GLUE task {self.task_name!r}; valid tasks: {', '.join(GLUE_TASKS)}")
-
-
-@dataclass
-class ClinicArguments:  # hf-clinic
-    admin: bool = field(
-        default=False,
-        metadata={
-            "help": "Apply Admin (adaptive model initialization) to the Post-LN residuals via AdminCallback; "
-            "the published checkpoint is the exact stock export."
-        },
-    )
-    admin_omega: str = field(
-        default="1.0",
-        metadata={
-            "help": "Initial ω: a number, `profile` (profiled on the Trainer's first batches) or `closed_form`. "
-            "Default 1: a fine-tuned checkpoint keeps exactly its pretrained function and ω is then trained. "
-            "Admin's profiling is meant for models trained from scratch; on the pretrained MiniLM it gives ω up "
-            "to 3.8 and changes the last hidden states by 78 percent."
-        },
-    )
-    clip_policy: str | None = field(
-        default=None,
-        metadata={
-            "help": "hf-clinic clipping policy (ClipAwareCallback), e.g. fixed, step_length, percentile, "
-            "zscore, unitwise. Default: the Trainer's built-in clipping at --max_grad_norm."
-        },
-    )
-    clip_args: str | None = field(
-        default=None,
-        metadata={"help": "Policy settings as `key=value,key=value`, e.g. `z_thresh=2.5,warmup_steps=10`."},
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -319,26 +291,12 @@ def glue_metrics(task_name: str, predictions, references) -> dict[str, float]:
 # Model
 # ----------------------------------------------------------------------------------------------------------------------
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
 
 def load_config(model_name_or_path: str, task_name: str, ignore_mismatched_sizes: bool = False):
     """The checkpoint's config set up for `task_name`, with clear errors for a bad path or a head of the wrong size."""
     task = GLUE_TASKS[task_name]
     num_labels = 1 if task.labels is None else len(task.labels)
-    if not os.path.isdir(model_name_or_path) and not _HUB_ID.match(model_name_or_path):
-        raise FileNotFoundError(f"--model_name_or_path {model_name_or_path!r} is not an existing folder nor a Hub id")
-    if os.path.isdir(model_name_or_path) and not os.path.isfile(os.path.join(model_name_or_path, "config.json")):
-        raise FileNotFoundError(
-            f"--model_name_or_path {model_name_or_path!r} has no config.json; it is not a saved model"
-        )
-    try:
-        config = AutoConfig.from_pretrained(model_name_or_path)
-    except OSError as err:
-        raise OSError(
-            f"Could not load the model config from {model_name_or_path!r}: neither a local folder nor a reachable "
-            f"Hub repository ({err})"
-        ) from err
+    config = load_model_config(model_name_or_path)
     has_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     if has_head and config.num_labels != num_labels and not ignore_mismatched_sizes:
         raise ValueError(
@@ -347,7 +305,7 @@ def load_config(model_name_or_path: str, task_name: str, ignore_mismatched_sizes
             f"({list(task.labels) if task.labels else 'regression'}); pass --ignore_mismatched_sizes to replace it"
         )
     labels = task.labels or ("score",)
-    return AutoConfig.from_pretrained(
+    return load_model_config(
         model_name_or_path,
         num_labels=num_labels,
         finetuning_task=task_name,
@@ -355,57 +313,6 @@ def load_config(model_name_or_path: str, task_name: str, ignore_mismatched_sizes
         label2id={name: i for i, name in enumerate(labels)},
         problem_type="regression" if task.labels is None else "single_label_classification",
     )
-
-
-def parse_kv(text: str | None) -> dict:  # hf-clinic
-    """`key=value,key=value` -> dict, values parsed as JSON where possible (numbers, booleans)."""
-    out = {}
-    for item in filter(None, (text or "").split(",")):
-        if "=" not in item:
-            raise ValueError(f"Invalid setting {item!r} in {text!r}; expected key=value")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value.strip()
-    return out
-
-
-def omega_arg(text: str):  # hf-clinic
-    """`--admin_omega`: `profile`, `closed_form`, or a number (a constant initial ω)."""
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def clinic_callbacks(clinic: ClinicArguments) -> tuple[list, object | None, object | None]:  # hf-clinic
-    """The hf-clinic callbacks this run asks for: (callbacks, the Admin callback, the clipping callback)."""
-    callbacks, admin_cb, clip_cb = [], None, None
-    if clinic.admin:
-        from hf_clinic.admin import AdminCallback
-
-        admin_cb = AdminCallback(omega=omega_arg(clinic.admin_omega))
-        callbacks.append(admin_cb)
-    if clinic.clip_policy:
-        from hf_clinic.clipping import ClipAwareCallback
-
-        clip_cb = ClipAwareCallback(clinic.clip_policy, **parse_kv(clinic.clip_args))
-        callbacks.append(clip_cb)
-    return callbacks, admin_cb, clip_cb
-
-
-def verify_export(model, folder, batch) -> float:  # hf-clinic
-    """Reload the exported folder with stock transformers and return the max |Δlogits| against the trained model."""
-    import torch
-
-    stock = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-    model.eval()
-    batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items() if k != "labels"}
-    with torch.no_grad():
-        ours = model(**batch).logits.float().cpu()
-        theirs = stock(**{k: v.cpu() for k, v in batch.items()}).logits.float()
-    return float((ours - theirs).abs().max())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -425,8 +332,7 @@ def main(argv=None) -> dict:
     model_args, data_args, clinic, training_args = parse_args(argv)
     # hf-clinic: the command for the model card (secrets redacted), also when main() is called from Python
     command = command_line([os.path.relpath(__file__), *(sys.argv[1:] if argv is None else argv)])
-    # hf-clinic: publish the stock export + card ourselves, so stop the Trainer from pushing Admin checkpoints
-    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    push_to_hub = take_push_to_hub(training_args)  # hf-clinic: we publish the stock export + card after training
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", handlers=[logging.StreamHandler(sys.stdout)]
@@ -440,14 +346,7 @@ def main(argv=None) -> dict:
         f"device: {training_args.device}, optimizer: {training_args.optim}"
     )
 
-    checkpoint = training_args.resume_from_checkpoint
-    if checkpoint == "last":
-        checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if checkpoint is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint last: no checkpoint-* in {training_args.output_dir!r}")
-    elif checkpoint is not None and not os.path.isdir(checkpoint):
-        raise FileNotFoundError(f"--resume_from_checkpoint {checkpoint!r} does not exist")
-
+    checkpoint = resolve_checkpoint(training_args)  # a folder, `last`, or None
     set_seed(training_args.seed)
     task = GLUE_TASKS[data_args.task_name]
     raw = load_glue(data_args.task_name, data_args.data_dir)
@@ -542,61 +441,33 @@ def main(argv=None) -> dict:
 
 def publish(trainer, model_args, data_args, results, eval_ds, *, admin_cb, clip_cb, push_to_hub, command):  # hf-clinic
     """Export a stock checkpoint + tokenizer + model card into output_dir, verify it, and push it if asked."""
-    training_args = trainer.args
-    out = Path(training_args.output_dir)
-    model = trainer.model
-    save_for_hub(model, out, tokenizer=trainer.processing_class)
     sample = eval_ds.select(range(min(16, len(eval_ds))))
-    batch = trainer.data_collator(
-        [
-            {k: sample[i][k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in sample.column_names}
-            for i in range(len(sample))
-        ]
-    )
-    diff = verify_export(model, out, batch)
-    if diff > 1e-4:
-        raise RuntimeError(
-            f"The stock export in {str(out)!r} differs from the trained model: max |Δlogits| = {diff:.3g}"
-        )
-    task_display = GLUE_TASKS[data_args.task_name].folder
+    columns = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in sample.column_names]
+    batch = trainer.data_collator([{k: sample[i][k] for k in columns} for i in range(len(sample))])
     base = model_args.base_model_id or (
         None if os.path.isdir(model_args.model_name_or_path) else model_args.model_name_or_path
     )
-    record = record_from_trainer(
+    publish_from_trainer(
         trainer,
-        model_name=training_args.hub_model_id or out.name,
+        verify_batch=batch,
+        push_to_hub=push_to_hub,
         task_type="text-classification",
         dataset_id=HUB_DATASET,
-        dataset_name=f"GLUE {task_display}",
+        dataset_name=f"GLUE {GLUE_TASKS[data_args.task_name].folder}",
         dataset_config=data_args.task_name,
-        dataset_note=_data_note(data_args, trainer),
+        dataset_note=_data_note(data_args),
         results=results,
         base_model=base,
         language=["en"],
         license=model_args.license,
         clip=clip_cb,
         admin_report=getattr(admin_cb, "report", None),
-        stock_export=True,
-        export_check=f"reloaded with stock `AutoModelForSequenceClassification`, max |Δlogits| = {diff:.1e} on {len(sample)} dev examples",
         hyperparameters={"max_seq_length": data_args.max_seq_length},
         command=command,
     )
-    card = render_model_card(record)
-    card.save(str(out / "README.md"))
-    logger.info("Model card written to %s", out / "README.md")
-    if push_to_hub:
-        repo_id = training_args.hub_model_id or out.name
-        commit = push_folder_to_hub(
-            out,
-            repo_id,
-            token=training_args.hub_token,
-            private=training_args.hub_private_repo,
-            revision=training_args.hub_revision,
-        )
-        logger.info("Pushed to %s", commit.commit_url)
 
 
-def _data_note(data_args, trainer) -> str:
+def _data_note(data_args) -> str:
     source = (
         f"Read from local GLUE TSV files ({data_args.data_dir})"
         if data_args.data_dir

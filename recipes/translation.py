@@ -22,7 +22,6 @@
 # Lines specific to hf-clinic are marked `# hf-clinic`; everything else is stock transformers.
 # ######################################################################################################################
 
-import copy
 import gzip
 import json
 import logging
@@ -35,12 +34,17 @@ from pathlib import Path
 import datasets
 import numpy as np
 import sacrebleu
-import torch
 import transformers
 from datasets import Dataset, DatasetDict
+from recipe_utils import (  # hf-clinic
+    ClinicArguments,
+    clinic_callbacks,
+    load_model_config,
+    resolve_checkpoint,
+    take_push_to_hub,
+)
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
-    AutoConfig,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     DataCollatorForSeq2Seq,
@@ -55,11 +59,10 @@ from transformers import (
     T5ForConditionalGeneration,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 import hf_clinic  # noqa: F401  hf-clinic: registers --optim radam|lamb|lars|gsignsgd|... (and clip-aware schedule names)
-from hf_clinic.cards import MetricResult, command_line, record_from_trainer, render_model_card  # hf-clinic
-from hf_clinic.hub import push_folder_to_hub, save_for_hub  # hf-clinic
+from hf_clinic.cards import MetricResult, command_line  # hf-clinic
+from hf_clinic.hub import publish_from_trainer  # hf-clinic
 
 
 logger = logging.getLogger(__name__)
@@ -133,22 +136,19 @@ class DataArguments:
 
 
 @dataclass
-class ClinicArguments:  # hf-clinic
+class TranslationClinicArguments(ClinicArguments):  # hf-clinic: from scratch, the Admin paper's setup
     admin: bool = field(
         default=True,
         metadata={
             "help": "Admin on the Post-LN residuals via AdminCallback (the paper's setup; --no_admin to disable)."
         },
     )
-    admin_omega: str = field(default="profile", metadata={"help": "How ω is initialised: `profile` or `closed_form`."})
-    clip_policy: str | None = field(
-        default=None,
+    admin_omega: str = field(
+        default="profile",
         metadata={
-            "help": "hf-clinic clipping policy (ClipAwareCallback): fixed, step_length, percentile, zscore, "
-            "unitwise. Default: the Trainer's built-in clipping at --max_grad_norm."
+            "help": "How ω is initialised: `profile` (on the Trainer's first batches), `closed_form` or a number."
         },
     )
-    clip_args: str | None = field(default=None, metadata={"help": "Policy settings as `key=value,key=value`."})
 
 
 # hf-clinic: the Admin paper's setup (RAdam, no warmup, β2 = 0.98, label smoothing) as this recipe's defaults. They
@@ -278,24 +278,10 @@ def train_tokenizer(texts, vocab_size: int, model_max_length: int = 1024) -> Pre
     )
 
 
-def check_model_path(path: str) -> None:
-    """Fail early and clearly on a path that is neither a saved model folder nor a reachable Hub id."""
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"--model_name_or_path {path!r} has no config.json; it is not a saved model")
-    if not os.path.isdir(path) and not re.match(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$", path):
-        raise FileNotFoundError(f"--model_name_or_path {path!r} is not an existing folder nor a Hub id")
-    try:
-        AutoConfig.from_pretrained(path)
-    except OSError as err:
-        raise OSError(
-            f"Could not load the model from {path!r}: neither a local folder nor a reachable Hub repository ({err})"
-        ) from err
-
-
 def build_model(model_args: ModelArguments, tokenizer, max_target_length: int, num_beams: int):
     """A Marian/T5 model from a config sized by the arguments (or the pretrained checkpoint)."""
     if model_args.model_name_or_path is not None:
-        check_model_path(model_args.model_name_or_path)
+        load_model_config(model_args.model_name_or_path)  # clear errors for a bad path
         return AutoModelForSeq2SeqLM.from_pretrained(model_args.model_name_or_path)
     ids = {
         "pad_token_id": tokenizer.pad_token_id,
@@ -347,44 +333,6 @@ def build_model(model_args: ModelArguments, tokenizer, max_target_length: int, n
     return model
 
 
-def parse_kv(text: str | None) -> dict:  # hf-clinic
-    """`key=value,key=value` -> dict, values parsed as JSON where possible (numbers, booleans)."""
-    out = {}
-    for item in filter(None, (text or "").split(",")):
-        if "=" not in item:
-            raise ValueError(f"Invalid setting {item!r} in {text!r}; expected key=value")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value.strip()
-    return out
-
-
-def omega_arg(text: str):  # hf-clinic
-    """`--admin_omega`: `profile`, `closed_form`, or a number (a constant initial ω)."""
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def clinic_callbacks(clinic: ClinicArguments) -> tuple[list, object | None, object | None]:  # hf-clinic
-    """The hf-clinic callbacks this run asks for: (callbacks, the Admin callback, the clipping callback)."""
-    callbacks, admin_cb, clip_cb = [], None, None
-    if clinic.admin:
-        from hf_clinic.admin import AdminCallback
-
-        admin_cb = AdminCallback(omega=omega_arg(clinic.admin_omega))
-        callbacks.append(admin_cb)
-    if clinic.clip_policy:
-        from hf_clinic.clipping import ClipAwareCallback
-
-        clip_cb = ClipAwareCallback(clinic.clip_policy, **parse_kv(clinic.clip_args))
-        callbacks.append(clip_cb)
-    return callbacks, admin_cb, clip_cb
-
-
 def translation_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Corpus BLEU and chrF with sacrebleu's defaults (13a tokenization, exp smoothing; chrF n=6, β=2)."""
     return {
@@ -408,7 +356,7 @@ def bleu_signature() -> str:
 def parse_args(argv=None):
     paper = " ".join(f"--{k} {str(v).lower()}" for k, v in PAPER_DEFAULTS.items())
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, ClinicArguments, Seq2SeqTrainingArguments),
+        (ModelArguments, DataArguments, TranslationClinicArguments, Seq2SeqTrainingArguments),
         description=f"Machine translation with hf-clinic. Defaults (the Admin paper's setup, override any): {paper}.",
     )
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -423,8 +371,7 @@ def main(argv=None) -> dict:
     model_args, data_args, clinic, training_args = parse_args(argv)
     # hf-clinic: the command for the model card (secrets redacted), also when main() is called from Python
     command = command_line([os.path.relpath(__file__), *(sys.argv[1:] if argv is None else argv)])
-    # hf-clinic: publish the stock export + card ourselves, so stop the Trainer from pushing Admin checkpoints
-    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    push_to_hub = take_push_to_hub(training_args)  # hf-clinic: we publish the stock export + card after training
 
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", handlers=[logging.StreamHandler(sys.stdout)]
@@ -438,16 +385,9 @@ def main(argv=None) -> dict:
         f"device: {training_args.device}, optimizer: {training_args.optim}, admin: {clinic.admin}"
     )
 
-    checkpoint = training_args.resume_from_checkpoint
-    if checkpoint == "last":
-        checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if checkpoint is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint last: no checkpoint-* in {training_args.output_dir!r}")
-    elif checkpoint is not None and not os.path.isdir(checkpoint):
-        raise FileNotFoundError(f"--resume_from_checkpoint {checkpoint!r} does not exist")
-
+    checkpoint = resolve_checkpoint(training_args)  # a folder, `last`, or None
     if model_args.model_name_or_path is not None:
-        check_model_path(model_args.model_name_or_path)
+        load_model_config(model_args.model_name_or_path)  # clear errors for a bad path, before any work
     set_seed(training_args.seed)
     raw = load_parallel_data(data_args)
     src, tgt = data_args.source_lang, data_args.target_lang
@@ -559,41 +499,12 @@ def main(argv=None) -> dict:
     return all_metrics
 
 
-def verify_export(model, folder, batch) -> tuple[float, bool]:  # hf-clinic
-    """Reload the export with stock transformers: (max |Δlogits| under teacher forcing, greedy outputs identical)."""
-    stock = AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
-    model.eval()
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    with torch.no_grad():
-        ours = model(**batch).logits.float().cpu()
-        theirs = stock(**{k: v.cpu() for k, v in batch.items()}).logits.float()
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        greedy = copy.deepcopy(model.generation_config)
-        greedy.update(num_beams=1, do_sample=False, max_length=32, max_new_tokens=None)
-        same = torch.equal(
-            model.generate(**inputs, generation_config=greedy).cpu(),
-            stock.generate(**{k: v.cpu() for k, v in inputs.items()}, generation_config=greedy),
-        )
-    return float((ours - theirs).abs().max()), same
-
-
 def publish(
     trainer, model_args, data_args, results, sample_ds, num_beams, *, admin_cb, clip_cb, push_to_hub, command
 ):  # hf-clinic
     """Export a stock checkpoint + tokenizer + model card into output_dir, verify it, and push it if asked."""
-    training_args = trainer.args
-    out = Path(training_args.output_dir)
-    model = trainer.model
-    save_for_hub(model, out, tokenizer=trainer.processing_class)
     sample = sample_ds.select(range(min(8, len(sample_ds))))
     batch = trainer.data_collator([sample[i] for i in range(len(sample))])
-    diff, same = verify_export(model, out, batch)
-    if diff > 1e-4 or not same:
-        raise RuntimeError(
-            f"The stock export in {str(out)!r} differs from the trained model: max |Δlogits| = {diff:.3g}, "
-            f"identical greedy outputs: {same}"
-        )
     data_note = (
         f"Read from local parallel files ({data_args.data_dir})."
         if data_args.data_dir
@@ -607,14 +518,16 @@ def publish(
         if model_args.model_name_or_path and not os.path.isdir(model_args.model_name_or_path)
         else None
     )
+    model = trainer.model
     arch = {
         k: getattr(model.config, k)
         for k in ("d_model", "encoder_layers", "decoder_layers", "num_layers", "num_decoder_layers")
         if hasattr(model.config, k)
     }
-    record = record_from_trainer(
+    publish_from_trainer(
         trainer,
-        model_name=training_args.hub_model_id or out.name,
+        verify_batch=batch,
+        push_to_hub=push_to_hub,
         task_type="translation",
         dataset_id=data_args.dataset_name,
         dataset_name=f"{_dataset_display(data_args)} {data_args.source_lang}-{data_args.target_lang}",
@@ -626,32 +539,16 @@ def publish(
         license=model_args.license,
         clip=clip_cb,
         admin_report=getattr(admin_cb, "report", None),
-        stock_export=True,
-        export_check=f"reloaded with stock `AutoModelForSeq2SeqLM`, max |Δlogits| = {diff:.1e} and identical greedy "
-        f"translations on {len(sample)} examples",
         hyperparameters={
             "from_scratch": model_args.model_name_or_path is None,
             "paper_init": model_args.paper_init,
             "vocab_size": len(trainer.processing_class),
             **arch,
-            "label_smoothing_factor": training_args.label_smoothing_factor,
+            "label_smoothing_factor": trainer.args.label_smoothing_factor,
             "num_beams": num_beams,
         },
         command=command,
     )
-    card = render_model_card(record)
-    card.save(str(out / "README.md"))
-    logger.info("Model card written to %s", out / "README.md")
-    if push_to_hub:
-        repo_id = training_args.hub_model_id or out.name
-        commit = push_folder_to_hub(
-            out,
-            repo_id,
-            token=training_args.hub_token,
-            private=training_args.hub_private_repo,
-            revision=training_args.hub_revision,
-        )
-        logger.info("Pushed to %s", commit.commit_url)
 
 
 def _dataset_display(data_args) -> str:

@@ -197,7 +197,9 @@ def test_admin_summary_reads_the_trained_omegas():
         for i, p in enumerate(p for n, p in model.named_parameters() if n.endswith("admin_omega")):
             p.fill_(1.0 + 0.25 * i)
     trained = {
-        n[: -len(".admin_omega")]: float(p.mean()) for n, p in model.named_parameters() if n.endswith("admin_omega")
+        n[: -len(".admin_omega")]: float(p.detach().mean())
+        for n, p in model.named_parameters()
+        if n.endswith("admin_omega")
     }
     summary = admin_summary(model, report)
     assert summary["num_sites"] == len(report.sites)

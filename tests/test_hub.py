@@ -25,10 +25,10 @@ import torch
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import _http
 from safetensors.torch import save_file
-from tiny_models import tiny_bert
+from tiny_models import classification_batch, seq2seq_batch, tiny_bert, tiny_marian
 
 from hf_clinic.cards import MetricResult, TrainingRecord, model_card_data, render_model_card
-from hf_clinic.hub import check_stock_folder, push_folder_to_hub, save_for_hub
+from hf_clinic.hub import check_stock_folder, push_folder_to_hub, save_for_hub, verify_stock_export
 
 
 class FakeHub:
@@ -251,3 +251,26 @@ def test_push_refuses_a_folder_without_card_or_model(tmp_path):
     with fake_hub() as hub, pytest.raises(FileNotFoundError, match="README.md"):
         push_folder_to_hub(tmp_path, "someuser/x", token="hf_fake_token")
     assert hub.requests == []
+
+
+def test_verify_stock_export_compares_the_reloaded_checkpoint(tmp_path):
+    from hf_clinic.admin import apply_admin
+
+    bert = tiny_bert().eval()
+    apply_admin(bert, omega="closed_form")
+    save_for_hub(bert, tmp_path / "bert")
+    check = verify_stock_export(bert, tmp_path / "bert", classification_batch(batch_size=3))
+    assert check.startswith("reloaded with stock `BertForSequenceClassification`, max |Δlogits| = ")
+    assert check.endswith(" on 3 examples") and "greedy" not in check
+
+    marian = tiny_marian().eval()
+    apply_admin(marian, omega="closed_form")
+    save_for_hub(marian, tmp_path / "marian")
+    check = verify_stock_export(marian, tmp_path / "marian", seq2seq_batch(batch_size=2))
+    assert "stock `MarianMTModel`" in check and "identical greedy generations on 2 examples" in check
+    assert marian.training is False  # the model's mode is kept
+
+    with torch.no_grad():  # the trained model moves on after the export: the check must notice
+        bert.classifier.bias += 0.01
+    with pytest.raises(RuntimeError, match=r"differs from the trained model: max \|Δlogits\| = 0.01"):
+        verify_stock_export(bert, tmp_path / "bert", classification_batch(batch_size=3))

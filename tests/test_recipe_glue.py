@@ -1,4 +1,5 @@
-"""The GLUE recipe (`recipes/glue.py`): data layouts, official metrics, a short real run, resume, launch, bad input.
+"""The GLUE recipe (`recipes/glue.py`): data layouts, official metrics, every hf-clinic optimizer and clip policy, a
+short real run, resume, a 2-process launch, bad input, and the offline demo (`recipes/demo.py`) as a plain script.
 
 The real run fine-tunes the real MiniLM checkpoint for 4 steps on the shipped SST-2 sample with RAdam + Admin +
 ZClip clipping and `--push_to_hub` against the in-process fake Hub of `test_hub.py`; its accuracy is recomputed by
@@ -29,6 +30,9 @@ SHARED = REPO.parent / "shared" / "data" / "glue"
 
 
 def load_recipe(name):
+    # `python recipes/<name>.py` puts recipes/ first on sys.path, for the recipes' shared `recipe_utils`
+    if str(REPO / "recipes") not in sys.path:
+        sys.path.insert(0, str(REPO / "recipes"))
     spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # so that objects defined in the recipe pickle (e.g. into checkpoints)
@@ -37,6 +41,7 @@ def load_recipe(name):
 
 
 glue = load_recipe("glue")
+import recipe_utils  # noqa: E402  (recipes/, put on sys.path by load_recipe)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -156,6 +161,28 @@ def test_tsv_layouts(tmp_path, caplog):
     )
     assert mnli["train"]["premise"] == ["P"] and mnli["train"]["hypothesis"] == ["H"]
 
+    # QQP: id columns, 0/1 labels, an unlabelled test file; QNLI: string labels; WNLI: 0/1 with 1 = entailment.
+    header = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+    _write(root / "QQP" / "train.tsv", header + "5\t1\t2\tWhy?\tHow?\t0\n6\t3\t4\tWho?\tWho is?\t1\n")
+    _write(root / "QQP" / "dev.tsv", header + "7\t5\t6\tA?\tB?\t1\n")
+    _write(root / "QQP" / "test.tsv", "id\tquestion1\tquestion2\n0\tC?\tD?\n")
+    qqp = glue.load_glue("qqp", str(root))
+    assert qqp["train"]["question2"] == ["How?", "Who is?"] and qqp["train"]["label"] == [0, 1]
+    assert qqp["test"]["question1"] == ["C?"] and qqp["train"].features["label"].names[1] == "duplicate"
+    header = "index\tquestion\tsentence\tlabel\n"
+    _write(root / "QNLI" / "train.tsv", header + "0\tQ?\tS.\tnot_entailment\n")
+    _write(root / "QNLI" / "dev.tsv", header + "0\tQ2?\tS2.\tentailment\n")
+    qnli = glue.load_glue("qnli", str(root))
+    assert (qnli["train"]["question"], qnli["train"]["label"], qnli["validation"]["label"]) == (["Q?"], [1], [0])
+    header = "index\tsentence1\tsentence2\tlabel\n"
+    _write(root / "WNLI" / "train.tsv", header + "0\tA.\tB.\t1\n1\tC.\tD.\t0\n")
+    _write(root / "WNLI" / "dev.tsv", header + "0\tE.\tF.\t0\n")
+    wnli = glue.load_glue("wnli", str(root))
+    assert [wnli["train"].features["label"].int2str(y) for y in wnli["train"]["label"]] == [
+        "entailment",
+        "not_entailment",
+    ]
+
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/glue is not staged here")
 def test_real_glue_data_matches_published_statistics():
@@ -211,6 +238,8 @@ def test_bad_input(tmp_path, minilm_path):
         glue.main(_args(tmp_path, "someuser/model-that-is-not-cached"))
     with pytest.raises(FileNotFoundError, match="--resume_from_checkpoint .* does not exist"):
         glue.main(_args(tmp_path, minilm_path, "--resume_from_checkpoint", str(tmp_path / "checkpoint-9")))
+    with pytest.raises(ValueError, match="--push_to_hub publishes the model this run trains and needs --do_train"):
+        glue.main(_args(tmp_path, minilm_path, "--do_train", "false", "--do_eval", "--push_to_hub"))
 
     # A checkpoint whose classification head has 3 labels cannot silently be used for a 2-label task.
     from transformers import BertForSequenceClassification
@@ -290,20 +319,33 @@ def test_regression_and_mnli_runs(tmp_path, tiny_checkpoint):
 
 
 def test_every_hf_clinic_optimizer_and_clip_policy_is_accepted(tmp_path, minilm_path):
+    import torch
+    from tiny_models import classification_batch, tiny_bert
+    from transformers import Trainer
+
     import hf_clinic
     from hf_clinic.clipping import ClipAwareCallback, list_clip_policies
 
+    # Every hf-clinic name goes through the recipe's own parser into the optimizer the Trainer builds, which steps.
+    # (What each optimizer computes is tested in test_optim_*.py.)
     for name in hf_clinic.list_optimizers():
-        *_, training_args = glue.parse_args(_args(tmp_path, minilm_path, "--optim", name))
+        *_, training_args = glue.parse_args(_args(tmp_path, minilm_path, "--optim", name, "--weight_decay", "0.01"))
         assert getattr(training_args.optim, "value", training_args.optim) == name
+        model = tiny_bert()
+        optimizer = Trainer(model=model, args=training_args).create_optimizer()
+        assert isinstance(optimizer, hf_clinic.get_optimizer_info(name).optimizer_class), name
+        model(**classification_batch()).loss.backward()
+        optimizer.step()
+        assert all(torch.isfinite(p).all() for p in model.parameters()), name
     for policy in list_clip_policies():
         settings = "gamma=0.5" if policy == "step_length" else None
         clinic = glue.ClinicArguments(clip_policy=policy, clip_args=settings)
         [callback], admin_cb, clip_cb = glue.clinic_callbacks(clinic)
         assert isinstance(callback, ClipAwareCallback) and clip_cb.schedule.policy.name == policy and admin_cb is None
-    assert glue.parse_kv("z_thresh=2.5,warmup_steps=10,name=x") == {"z_thresh": 2.5, "warmup_steps": 10, "name": "x"}
+    parsed = recipe_utils.parse_kv("z_thresh=2.5,warmup_steps=10,name=x")
+    assert parsed == {"z_thresh": 2.5, "warmup_steps": 10, "name": "x"}
     with pytest.raises(ValueError, match="expected key=value"):
-        glue.parse_kv("z_thresh")
+        recipe_utils.parse_kv("z_thresh")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -447,3 +489,22 @@ def test_two_process_accelerate_launch(tmp_path, minilm_path):
     assert card.data.eval_results[0].dataset_config == "rte"
     assert "2 process(es) (`MULTI_CPU`)" in card.text and "total_train_batch_size: 16" in card.text
     assert card.text.count("accelerate launch --num_processes 2 recipes/glue.py") == 1
+
+
+def test_demo_runs_as_a_plain_script(tmp_path):
+    # The README's first command, shortened to 3 steps; it must set up offline mode itself.
+    out = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_OFFLINE"))}
+    env["OMP_NUM_THREADS"] = "1"
+    short = ["--max_steps", "3", "--max_eval_samples", "32", "--disable_tqdm", "true", "--output_dir", str(out)]
+    result = subprocess.run(
+        [sys.executable, "recipes/demo.py", *short], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    saved = json.loads((out / "all_results.json").read_text())
+    assert f"dev accuracy: {saved['eval_accuracy']:.4f}   (32 dev sentences)" in result.stdout
+    assert f"model card:   {out / 'README.md'}" in result.stdout
+    card = ModelCard((out / "README.md").read_text())
+    assert card.data.hf_clinic["optimizer"] == "radam" and card.data.hf_clinic["admin"] is True
+    assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
