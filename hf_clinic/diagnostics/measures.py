@@ -68,8 +68,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..admin import _wiring
-from ..admin.sites import AdminArchitecture, resolve_architecture
+from ..admin import OMEGA_NAME, AdminArchitecture, clear_residual_captures, find_residual_sites, resolve_architecture
 
 
 __all__ = [
@@ -231,7 +230,7 @@ class _Located:
     def __init__(self, model: nn.Module, sites: AdminArchitecture | None = None):
         self.model = unwrap_model(model)
         self.model_type, self.arch = resolve_architecture(self.model, sites)
-        self.sites = _wiring.find_sites(self.model, self.arch, self.model_type)
+        self.sites = find_residual_sites(self.model, sites=self.arch)
         self.base = getattr(self.model, "base_model", self.model)
         names = {id(m): n for n, m in self.model.named_modules(remove_duplicate=False)}
         self.stack_layers: dict[str, nn.Module] = {}
@@ -247,7 +246,7 @@ class _Located:
             self.stack_modules[stack.name] = (names.get(id(parent), parent_path), parent)
 
     def omega(self, site) -> float | None:
-        omega = site.norm._parameters.get(_wiring.OMEGA)
+        omega = site.omega
         return None if omega is None else float(omega.detach().double().mean())
 
 
@@ -359,7 +358,7 @@ class _Recorder:
     def __exit__(self, *exc):
         for handle in self.handles:
             handle.remove()
-        _wiring.clear_captures(self.located.model)
+        clear_residual_captures(self.located.model)
         return False
 
     def reset(self):
@@ -514,7 +513,7 @@ def _branch_parameters(located: _Located, include_norms: bool) -> list[tuple[str
     for name, p in located.model.named_parameters():
         if id(p) in seen or id(p) not in in_layers or id(p) in norm_params:
             continue
-        if name.endswith(_wiring.OMEGA) or not p.is_floating_point():
+        if name.endswith(OMEGA_NAME) or not p.is_floating_point():
             continue
         seen.add(id(p))
         out.append((name, p))
