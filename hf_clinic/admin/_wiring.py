@@ -28,7 +28,6 @@ from torch import nn
 from .sites import OMEGA_NAME, AdminArchitecture
 
 
-OMEGA = OMEGA_NAME
 _NORM_REF = "_admin_norm"  # entry module -> norm module holding ω (non-registered back-reference)
 _RESIDUAL = "_admin_residual"  # norm module -> residual captured for the current call (residual_capture wiring)
 
@@ -54,7 +53,7 @@ class Site:
 
     @property
     def omega_name(self) -> str:
-        return f"{self.norm_name}.{OMEGA}" if self.norm_name else OMEGA
+        return f"{self.norm_name}.{OMEGA_NAME}" if self.norm_name else OMEGA_NAME
 
 
 def _get(module: nn.Module, path: str) -> nn.Module | None:
@@ -184,7 +183,7 @@ def attach(arch: AdminArchitecture, sites: list[Site], values: dict[int, float],
         ref = next(site.norm.parameters(), None)
         device = ref.device if ref is not None else None
         omega = torch.full((_width(site),), float(values[id(site)]), dtype=torch.float32, device=device)
-        site.norm.register_parameter(OMEGA, nn.Parameter(omega, requires_grad=trainable))
+        site.norm.register_parameter(OMEGA_NAME, nn.Parameter(omega, requires_grad=trainable))
         object.__setattr__(site.entry, _NORM_REF, site.norm)
         if arch.wiring == "residual_arg":
             site.entry.register_forward_pre_hook(_residual_arg_hook, with_kwargs=True)
@@ -220,8 +219,8 @@ def detach(model: nn.Module) -> int:
                     del hooks[hook_id]
                     getattr(module, kwtable).pop(hook_id, None)
                     module._forward_hooks_always_called.pop(hook_id, None)
-        if OMEGA in module._parameters:
-            del module._parameters[OMEGA]
+        if OMEGA_NAME in module._parameters:
+            del module._parameters[OMEGA_NAME]
             removed += 1
         for attr in (_NORM_REF, _RESIDUAL):
             module.__dict__.pop(attr, None)
@@ -230,7 +229,7 @@ def detach(model: nn.Module) -> int:
 
 def omega_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """`(name, ω)` for every Admin parameter of `model`, in module order."""
-    return [(name, p) for name, p in model.named_parameters(remove_duplicate=False) if name.endswith(OMEGA)]
+    return [(name, p) for name, p in model.named_parameters(remove_duplicate=False) if name.endswith(OMEGA_NAME)]
 
 
 def clear_captures(model: nn.Module) -> None:

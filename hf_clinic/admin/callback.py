@@ -41,7 +41,7 @@ from . import _wiring
 from ._wiring import omega_parameters as _omegas
 from .core import AdminReport, _check_unwrapped, apply_admin, has_admin, omega_summary
 from .profile import profile_sites
-from .sites import AdminArchitecture, resolve_architecture
+from .sites import OMEGA_NAME, AdminArchitecture, resolve_architecture
 
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class AdminCallback(MetricsCallback):
         model_type, arch = resolve_architecture(self._model, self.sites)
         sites = _wiring.find_sites(self._model, arch, model_type)
         for site in sites:
-            site.has_omega = _wiring.OMEGA in site.norm._parameters
+            site.has_omega = OMEGA_NAME in site.norm._parameters
         results = profile_sites(self._model, sites, batches, arch.wiring)
         by_name = {site.norm_name: results[id(site)] for site in sites}
         for entry in self.report.sites:

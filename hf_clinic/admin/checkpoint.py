@@ -29,7 +29,7 @@ from torch import nn
 
 from . import _wiring
 from .core import MARKER, _check_marker_format
-from .sites import AdminArchitecture, resolve_architecture
+from .sites import OMEGA_NAME, AdminArchitecture, resolve_architecture
 
 
 logger = logging.getLogger(__name__)
@@ -95,11 +95,11 @@ def _read_omegas(files: list[str]) -> dict[str, torch.Tensor]:
 
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
-                    if key.endswith(_wiring.OMEGA):
+                    if key.endswith(OMEGA_NAME):
                         out[key] = f.get_tensor(key)
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
-            out.update({k: v for k, v in state.items() if k.endswith(_wiring.OMEGA)})
+            out.update({k: v for k, v in state.items() if k.endswith(OMEGA_NAME)})
     return out
 
 
@@ -162,7 +162,7 @@ def load_admin(
         model, info = model_class.from_pretrained(
             path, config=config, output_loading_info=True, **from_pretrained_kwargs
         )
-    unexpected = sorted(k for k in info["unexpected_keys"] if not k.endswith(_wiring.OMEGA) and k != MARKER_KEY)
+    unexpected = sorted(k for k in info["unexpected_keys"] if not k.endswith(OMEGA_NAME) and k != MARKER_KEY)
     if unexpected or info["missing_keys"] or info["mismatched_keys"]:
         logger.warning(
             "load_admin(%s): unexpected keys %s, missing keys %s, mismatched keys %s",

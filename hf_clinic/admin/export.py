@@ -29,7 +29,7 @@ from torch import nn
 from . import _wiring
 from .checkpoint import remove_marker_key
 from .core import MARKER, has_admin
-from .sites import AdminArchitecture, resolve_architecture
+from .sites import OMEGA_NAME, AdminArchitecture, resolve_architecture
 
 
 __all__ = ["AdminExportError", "export_vanilla", "save_vanilla"]
@@ -90,7 +90,7 @@ def export_vanilla(model: nn.Module, *, sites: AdminArchitecture | None = None) 
     all_sites = _wiring.find_sites(out, arch, model_type)
     with torch.no_grad():
         for site in all_sites:
-            param = site.norm._parameters.get(_wiring.OMEGA)
+            param = site.norm._parameters.get(OMEGA_NAME)
             if param is None:
                 continue  # a fixed site: exactly plain Post-LN
             omega = param.detach().double()
