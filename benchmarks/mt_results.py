@@ -43,13 +43,13 @@ import json
 import math
 import os
 import platform
-import re
-import resource
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from results_md import update_results_md  # benchmarks/: the script's folder
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ CONFIGS = {
 LABELS = {"adam_warmup": "Adam + 8% warmup", "radam": "RAdam, no warmup", "radam_admin": "RAdam + Admin, no warmup"}
 # What a run is, besides its configuration: saved in results.json and restored by --report-only.
 SETUP_KEYS = (
-    "epochs", "d_model", "heads", "ffn_dim", "batch_size", "beams", "threads",
+    "epochs", "d_model", "heads", "ffn_dim", "batch_size", "beams", "threads", "parallel",
     "max_train_samples", "max_eval_samples", "max_predict_samples", "smoke",
 )  # fmt: skip
 SMOKE = {"max_steps": 3, "max_train_samples": 512, "max_eval_samples": 32, "max_predict_samples": 32, "beams": 2}
@@ -101,7 +101,8 @@ def command(config: str, args, out_dir: Path) -> list[str]:
     return cmd
 
 
-def run(config: str, args, work: Path) -> dict:
+def start(config: str, args, work: Path) -> dict:
+    """Start one configuration's recipe run as a subprocess; `finish` waits for it and reads its results."""
     out_dir = work / config
     cmd = command(config, args, out_dir)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -111,18 +112,27 @@ def run(config: str, args, work: Path) -> dict:
     if args.threads:
         printable = f"OMP_NUM_THREADS={args.threads} {printable}"
     print(f"\n=== {config}\n{printable}", flush=True)
-    start, cpu_start = time.time(), _children_cpu_s()
-    with open(work / f"{config}.log", "w", encoding="utf-8") as log:
-        result = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    wall, cpu = time.time() - start, _children_cpu_s() - cpu_start
-    if result.returncode != 0:
-        raise SystemExit(f"{config} failed ({result.returncode}); see {work / f'{config}.log'}")
+    log = open(work / f"{config}.log", "w", encoding="utf-8")  # noqa: SIM115 - closed in finish()
+    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return {"config": config, "printable": printable, "out_dir": out_dir, "log": log, "process": process,
+            "start": time.time()}  # fmt: skip
+
+
+def finish(job: dict, args, work: Path) -> dict:
+    # wait4 gives this run's own user + system time (its children included), even while other runs go on beside it.
+    _, status, usage = os.wait4(job["process"].pid, 0)
+    returncode = job["process"].returncode = os.waitstatus_to_exitcode(status)
+    wall, cpu = time.time() - job["start"], usage.ru_utime + usage.ru_stime
+    job["log"].close()
+    config, out_dir = job["config"], job["out_dir"]
+    if returncode != 0:
+        raise SystemExit(f"{config} failed ({returncode}); see {work / f'{config}.log'}")
     metrics = json.loads((out_dir / "all_results.json").read_text())
     state = json.loads((out_dir / "trainer_state.json").read_text())
     losses = [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h]
     return {
         "config": config,
-        "command": printable,
+        "command": job["printable"],
         "wall_s": round(wall, 1),
         "cpu_s": round(cpu, 1),  # user + system time of the run's process (its children included)
         "train_s": metrics.get("train_runtime"),
@@ -134,11 +144,6 @@ def run(config: str, args, work: Path) -> dict:
         "loss_curve": losses,
         "status": _status(losses),
     }
-
-
-def _children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _num_lines(path: Path) -> int:
@@ -194,6 +199,8 @@ def summary(results: list[dict], args, out: Path) -> str:
     n_train, n_val = used(args.max_train_samples, sizes["train"]), used(args.max_eval_samples, sizes["val"])
     n_test = used(args.max_predict_samples, sizes["test_2016_flickr"])
     threads = f"{args.threads} thread(s) per run" if args.threads else "torch's default threads"
+    if getattr(args, "parallel", False):
+        threads += f", the {len(results)} runs side by side (sharing the cores)"
     lines = []
     if args.smoke:
         lines.append(
@@ -231,7 +238,8 @@ def summary(results: list[dict], args, out: Path) -> str:
         )
     best = max(results, key=lambda r: r["metrics"].get("test_bleu", -1))
     bleu = best["metrics"].get("test_bleu", nan)
-    total = sum(r["wall_s"] for r in results) / 60
+    walls = [r["wall_s"] for r in results]
+    total = (max(walls) if getattr(args, "parallel", False) else sum(walls)) / 60  # side by side: the longest run
     lines += [
         "",
         f"Best: {LABELS[best['config']]}, test BLEU {bleu:.2f} ({'meets' if bleu >= 30 else 'misses'} the BLEU >= 30 "
@@ -240,16 +248,6 @@ def summary(results: list[dict], args, out: Path) -> str:
         f"![mt]({(out / 'mt_loss.png').relative_to(ROOT / 'benchmarks').as_posix()})",
     ]
     return "\n".join(lines)
-
-
-def update_results_md(section: str, body: str) -> None:
-    """Replace (or append) the `## {section}` section of benchmarks/RESULTS.md, leaving every other section alone."""
-    path = ROOT / "benchmarks" / "RESULTS.md"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    block = f"## {section}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {re.escape(section)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: block + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
-    path.write_text(text, encoding="utf-8")
 
 
 def main(argv=None):
@@ -262,6 +260,11 @@ def main(argv=None):
     parser.add_argument("--batch_size", type=int, default=128, help="sentence pairs per optimizer step")
     parser.add_argument("--beams", type=int, default=5, help="beam size of the BLEU evaluation")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run (default: inherited)")
+    parser.add_argument(
+        "--parallel",
+        action="store_true",
+        help="run the configurations side by side (use with --threads 1 on few cores)",
+    )
     parser.add_argument("--max_train_samples", type=int, default=None, help="first N training pairs (default: all)")
     parser.add_argument(
         "--max_eval_samples", type=int, default=None, help="first N val pairs (default: all; 0: no val evaluation)"
@@ -294,10 +297,15 @@ def main(argv=None):
             setattr(args, key, saved.get(key, getattr(args, key)))
     else:
         results = []
-        for config in configs:
-            results.append(run(config, args, work))
-            setup = {key: getattr(args, key) for key in SETUP_KEYS}
-            results_path.write_text(json.dumps({**setup, "runs": results}, indent=1))
+        setup = {key: getattr(args, key) for key in SETUP_KEYS}
+        if args.parallel:
+            jobs = [start(config, args, work) for config in configs]
+            results = [finish(job, args, work) for job in jobs]
+        else:
+            for config in configs:  # one after another; results.json keeps what has finished
+                results.append(finish(start(config, args, work), args, work))
+                results_path.write_text(json.dumps({**setup, "runs": results}, indent=1))
+        results_path.write_text(json.dumps({**setup, "runs": results}, indent=1))
     plot(results, out / "mt_loss.png")
     text = summary(results, args, out)
     (out / "summary.md").write_text(text + "\n", encoding="utf-8")
@@ -305,7 +313,7 @@ def main(argv=None):
     if args.update_results:
         if args.smoke:
             raise SystemExit("--update-results refuses smoke runs")
-        update_results_md(SECTION, text)
+        update_results_md(SECTION, text, "benchmarks/mt_results.py")
 
 
 if __name__ == "__main__":

@@ -72,11 +72,15 @@ def parse_kv(text: str | None) -> dict:
     for item in filter(None, (text or "").split(",")):
         if "=" not in item:
             raise ValueError(f"Invalid setting {item!r} in {text!r}; expected key=value")
-        key, value = item.split("=", 1)
+        key, value = (part.strip() for part in item.split("=", 1))
+        if not key:
+            raise ValueError(f"Invalid setting {item!r} in {text!r}; the key is empty")
+        if key in out:  # a repeated key would otherwise silently drop the first value
+            raise ValueError(f"Setting {key!r} is given twice in {text!r}")
         try:
-            out[key.strip()] = json.loads(value)
+            out[key] = json.loads(value)
         except json.JSONDecodeError:
-            out[key.strip()] = value.strip()
+            out[key] = value
     return out
 
 

@@ -346,6 +346,10 @@ def test_every_hf_clinic_optimizer_and_clip_policy_is_accepted(tmp_path, minilm_
     assert parsed == {"z_thresh": 2.5, "warmup_steps": 10, "name": "x"}
     with pytest.raises(ValueError, match="expected key=value"):
         recipe_utils.parse_kv("z_thresh")
+    with pytest.raises(ValueError, match="'z_thresh' is given twice"):
+        recipe_utils.parse_kv("z_thresh=2.5,z_thresh=3")
+    with pytest.raises(ValueError, match="the key is empty"):
+        recipe_utils.parse_kv("=3")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
