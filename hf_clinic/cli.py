@@ -16,21 +16,10 @@ import json
 import os
 import sys
 
+from .key_values import parse_key_values
+
 
 __all__ = ["main"]
-
-
-def _key_values(pairs: list[str] | None, what: str) -> dict:
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"Invalid {what} {pair!r}; expected KEY=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def _progress(enabled: bool, desc: str):
@@ -45,7 +34,8 @@ def _cmd_report(args) -> int:
     from .diagnostics.report import write_report
     from .diagnostics.signatures import ClinicThresholds
 
-    thresholds = ClinicThresholds.from_dict(_key_values(args.threshold, "--threshold")) if args.threshold else None
+    overrides = parse_key_values(args.threshold, option="--threshold")
+    thresholds = ClinicThresholds.from_dict(overrides) if overrides else None
     path = write_report(
         args.run_dir,
         args.output,
@@ -65,7 +55,7 @@ def _cmd_diagnose(args) -> int:
         omega = float(omega)
     except ValueError:
         pass
-    overrides = _key_values(args.set, "--set")
+    overrides = parse_key_values(args.set, option="--set")
     steps = ["load", "profile", "plots"]
     bar = None
     if not args.no_progress:

@@ -11,7 +11,6 @@
 # recipes/ first on sys.path.
 # ######################################################################################################################
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ __all__ = [
     "ClinicArguments",
     "clinic_callbacks",
     "load_model_config",
-    "parse_kv",
     "resolve_checkpoint",
     "take_push_to_hub",
 ]
@@ -66,24 +64,6 @@ class ClinicArguments:
     )
 
 
-def parse_kv(text: str | None) -> dict:
-    """`key=value,key=value` -> dict, values parsed as JSON where possible (numbers, booleans)."""
-    out = {}
-    for item in filter(None, (text or "").split(",")):
-        if "=" not in item:
-            raise ValueError(f"Invalid setting {item!r} in {text!r}; expected key=value")
-        key, value = (part.strip() for part in item.split("=", 1))
-        if not key:
-            raise ValueError(f"Invalid setting {item!r} in {text!r}; the key is empty")
-        if key in out:  # a repeated key would otherwise silently drop the first value
-            raise ValueError(f"Setting {key!r} is given twice in {text!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def _omega(text: str):
     """`--admin_omega`: `profile`, `closed_form`, or a number (a constant initial ω)."""
     try:
@@ -102,8 +82,9 @@ def clinic_callbacks(clinic: ClinicArguments) -> tuple[list, object | None, obje
         callbacks.append(admin_cb)
     if clinic.clip_policy:
         from hf_clinic.clipping import ClipAwareCallback
+        from hf_clinic.key_values import parse_key_values
 
-        clip_cb = ClipAwareCallback(clinic.clip_policy, **parse_kv(clinic.clip_args))
+        clip_cb = ClipAwareCallback(clinic.clip_policy, **parse_key_values(clinic.clip_args, option="--clip_args"))
         callbacks.append(clip_cb)
     return callbacks, admin_cb, clip_cb
 

@@ -237,5 +237,7 @@ def test_diagnose_errors(tmp_path, capsys):
     assert main(["diagnose", str(tmp_path / "bad.json"), "--no-progress"]) == 2
     assert "not a JSON config" in capsys.readouterr().err
     assert main(["diagnose", "bert", "--set", "oops", "--no-progress"]) == 2
-    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert "Invalid --set setting 'oops'; expected key=value" in capsys.readouterr().err
+    assert main(["diagnose", "bert", "--set", "num_hidden_layers=2", "--set", "num_hidden_layers=4"]) == 2
+    assert "--set: 'num_hidden_layers' is given twice" in capsys.readouterr().err
     torch.manual_seed(0)

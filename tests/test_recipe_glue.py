@@ -41,7 +41,6 @@ def load_recipe(name):
 
 
 glue = load_recipe("glue")
-import recipe_utils  # noqa: E402  (recipes/, put on sys.path by load_recipe)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -342,14 +341,11 @@ def test_every_hf_clinic_optimizer_and_clip_policy_is_accepted(tmp_path, minilm_
         clinic = glue.ClinicArguments(clip_policy=policy, clip_args=settings)
         [callback], admin_cb, clip_cb = glue.clinic_callbacks(clinic)
         assert isinstance(callback, ClipAwareCallback) and clip_cb.schedule.policy.name == policy and admin_cb is None
-    parsed = recipe_utils.parse_kv("z_thresh=2.5,warmup_steps=10,name=x")
-    assert parsed == {"z_thresh": 2.5, "warmup_steps": 10, "name": "x"}
-    with pytest.raises(ValueError, match="expected key=value"):
-        recipe_utils.parse_kv("z_thresh")
-    with pytest.raises(ValueError, match="'z_thresh' is given twice"):
-        recipe_utils.parse_kv("z_thresh=2.5,z_thresh=3")
-    with pytest.raises(ValueError, match="the key is empty"):
-        recipe_utils.parse_kv("=3")
+    # --clip_args reaches the policy through the shared parser, and a repeated key is refused by name
+    [_], _, clip_cb = glue.clinic_callbacks(glue.ClinicArguments(clip_policy="zscore", clip_args="z_thresh=3.5"))
+    assert clip_cb.schedule.policy.z_thresh == 3.5
+    with pytest.raises(ValueError, match="--clip_args: 'z_thresh' is given twice"):
+        glue.clinic_callbacks(glue.ClinicArguments(clip_policy="zscore", clip_args="z_thresh=2.5,z_thresh=3"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

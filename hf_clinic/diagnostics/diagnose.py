@@ -111,13 +111,6 @@ class DiagnoseResult:
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def _has_weights(path: str) -> bool:
     names = os.listdir(path)
     return any(n.endswith((".safetensors", ".bin")) or n.endswith(".index.json") for n in names)
