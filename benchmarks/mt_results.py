@@ -4,11 +4,11 @@ Every run is the translation recipe itself (`recipes/translation.py`) started as
 Multi30k task-1 data staged offline (`../shared/data/multi30k/task1/raw`: 29,000 training pairs, val 1,014,
 test_2016_flickr 1,000), same seed, same model and data:
 
-* model: Post-LN Marian, 6 encoder + 6 decoder layers, d_model 256, 4 heads, FFN 1024, ReLU, dropout 0.3, tied
-  embeddings, a joint 8,000-piece Unigram tokenizer trained on the training pairs; the Admin paper's from-scratch
-  init (`--paper_init`: Xavier-uniform linears, N(0, d^-1/2) embeddings) for all three runs;
-* training: batch 128 sentence pairs (batches grouped by length, to cut padding on CPU), lr 5e-4 with linear decay,
-  beta2 0.98, weight decay 1e-4, label smoothing 0.1, max_grad_norm 1.0, 12 epochs by default;
+* model: Post-LN Marian, 6 encoder + 6 decoder layers, d_model 256, 4 heads, FFN 1024, ReLU, dropout 0.3
+  (`--dropout`), tied embeddings, a joint 8,000-piece Unigram tokenizer trained on the training pairs; the Admin
+  paper's from-scratch init (`--paper_init`: Xavier-uniform linears, N(0, d^-1/2) embeddings) for all three runs;
+* training: batch 128 sentence pairs (batches grouped by length, to cut padding on CPU), lr 5e-4 (`--learning_rate`)
+  with linear decay, beta2 0.98, weight decay 1e-4, label smoothing 0.1, max_grad_norm 1.0, 12 epochs by default;
 * `adam_warmup`: `--optim adamw_torch --no_admin`, linear warmup over 8% of the steps (~270);
 * `radam`: `--optim radam --no_admin`, no warmup;
 * `radam_admin`: `--optim radam --admin` (ω profiled on the first batch), no warmup: the recipe's defaults;
@@ -20,9 +20,13 @@ Target from the issue: BLEU >= 30 on test_2016_flickr for the best configuration
 CPU budget: the issue's "6+6-layer Marian" is the Transformer-base depth; on 2 CPU cores d_model is reduced to 256
 (Transformer-small widths) and training to 12 epochs (~6 h for the three runs). Reduced runs: `--epochs` (fractions
 allowed), `--max_train_samples`, `--max_eval_samples` (validation pairs; 0 skips the validation evaluation),
-`--max_predict_samples`, `--beams`, `--threads`, `--d_model`, `--ffn_dim`. `results.json` and the summary state
-exactly what was run: epochs, optimizer steps, model and data sizes, beams, threads, and each run's wall and CPU time
-(training and evaluation separately).
+`--max_predict_samples`, `--beams`, `--threads`, `--d_model`, `--ffn_dim`; `--configs` picks configurations, and
+`--out`/`--work` keep a second set of results (e.g. a longer run of the best configuration) beside the first.
+`results.json` and the summary state exactly what was run: epochs, optimizer steps, model and data sizes, beams,
+threads, and each run's wall and CPU time (training and evaluation separately). Each run is read against two
+references computed from its own tokenizer: the unigram loss (the label-smoothed loss of predicting token frequencies,
+which a model that learned nothing from the source or the prefix would reach) and the mean length of the test
+references.
 
 Usage:
     nice -n 10 python benchmarks/mt_results.py                      # full runs (hours on 2 CPU cores)
@@ -47,6 +51,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from results_md import update_results_md  # benchmarks/: the script's folder
@@ -66,9 +71,10 @@ CONFIGS = {
 LABELS = {"adam_warmup": "Adam + 8% warmup", "radam": "RAdam, no warmup", "radam_admin": "RAdam + Admin, no warmup"}
 # What a run is, besides its configuration: saved in results.json and restored by --report-only.
 SETUP_KEYS = (
-    "epochs", "d_model", "heads", "ffn_dim", "batch_size", "beams", "threads", "parallel",
+    "epochs", "d_model", "heads", "ffn_dim", "dropout", "learning_rate", "batch_size", "beams", "threads", "parallel",
     "max_train_samples", "max_eval_samples", "max_predict_samples", "smoke",
 )  # fmt: skip
+LABEL_SMOOTHING = 0.1
 SMOKE = {"max_steps": 3, "max_train_samples": 512, "max_eval_samples": 32, "max_predict_samples": 32, "beams": 2}
 
 
@@ -81,10 +87,11 @@ def command(config: str, args, out_dir: Path) -> list[str]:
         "--train_split", "train", "--validation_split", "val", "--test_split", "test_2016_flickr",
         "--do_train", "--do_eval", str(evaluate_val).lower(), "--do_predict",
         "--model_type", "marian", "--encoder_layers", "6", "--decoder_layers", "6", "--d_model", str(args.d_model),
-        "--attention_heads", str(args.heads), "--ffn_dim", str(args.ffn_dim), "--vocab_size", "8000",
+        "--attention_heads", str(args.heads), "--ffn_dim", str(args.ffn_dim), "--dropout", str(args.dropout),
+        "--vocab_size", "8000",
         "--paper_init", *CONFIGS[config],
-        "--learning_rate", "5e-4", "--lr_scheduler_type", "linear", "--adam_beta2", "0.98",
-        "--weight_decay", "1e-4", "--label_smoothing_factor", "0.1", "--max_grad_norm", "1.0",
+        "--learning_rate", str(args.learning_rate), "--lr_scheduler_type", "linear", "--adam_beta2", "0.98",
+        "--weight_decay", "1e-4", "--label_smoothing_factor", str(LABEL_SMOOTHING), "--max_grad_norm", "1.0",
         "--num_train_epochs", str(args.epochs), "--per_device_train_batch_size", str(args.batch_size),
         "--per_device_eval_batch_size", "64", "--generation_num_beams", str(args.beams),
         "--generation_max_length", "32" if args.smoke else "128",
@@ -112,7 +119,7 @@ def start(config: str, args, work: Path) -> dict:
     if args.threads:
         printable = f"OMP_NUM_THREADS={args.threads} {printable}"
     print(f"\n=== {config}\n{printable}", flush=True)
-    log = open(work / f"{config}.log", "w", encoding="utf-8")  # noqa: SIM115 - closed in finish()
+    log = open(work / f"{config}.log", "w", encoding="utf-8")  # closed in finish()
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     return {"config": config, "printable": printable, "out_dir": out_dir, "log": log, "process": process,
             "start": time.time()}  # fmt: skip
@@ -142,7 +149,7 @@ def finish(job: dict, args, work: Path) -> dict:
         "optimizer_steps": state["global_step"],
         "metrics": metrics,
         "loss_curve": losses,
-        "status": _status(losses),
+        **reference_stats(out_dir, args),
     }
 
 
@@ -151,17 +158,53 @@ def _num_lines(path: Path) -> int:
         return sum(1 for _ in f)
 
 
-def _status(losses) -> str:
-    """`diverged` (non-finite or rising loss), `stalled` (final loss above 90% of the first), or `trained`."""
-    if not losses:
+def unigram_loss(counts: Counter, vocab_size: int, label_smoothing: float) -> float:
+    """The label-smoothed loss of the best context-free predictor: one fixed distribution over the vocabulary.
+
+    With t = (1 - eps) * (token frequencies) + eps / V as the smoothed target, predicting p costs the cross-entropy
+    H(t, p) per token, which is smallest at p = t, where it is the entropy H(t).
+    """
+    total = sum(counts.values())
+    smoothed = [
+        (1 - label_smoothing) * counts.get(v, 0) / total + label_smoothing / vocab_size for v in range(vocab_size)
+    ]
+    return -sum(t * math.log(t) for t in smoothed if t > 0)  # 0 log 0 = 0: an unseen token without smoothing
+
+
+def reference_stats(run_dir: Path, args) -> dict:
+    """What a run's numbers are read against, from its own tokenizer: the unigram loss and the test references' length.
+
+    A training loss still near `unigram_loss` means the decoder has learned little beyond token frequencies.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    vocab_size = json.loads((run_dir / "config.json").read_text())["vocab_size"]
+
+    def target_ids(split: str, limit: int | None) -> list[list[int]]:
+        with gzip.open(args.data_dir / f"{split}.de.gz", "rt", encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f][:limit]
+        return tokenizer(text_target=lines)["input_ids"]  # with </s>, as the labels and gen_len count it
+
+    counts = Counter(token for ids in target_ids("train", args.max_train_samples) for token in ids)
+    test = target_ids("test_2016_flickr", args.max_predict_samples)
+    return {
+        "unigram_loss": unigram_loss(counts, vocab_size, LABEL_SMOOTHING),
+        "test_ref_len": sum(map(len, test)) / len(test),
+    }
+
+
+def _status(run: dict) -> str:
+    """`diverged` (non-finite or rising loss), `stalled` (final loss at or above the unigram loss), or `trained`."""
+    values = [v for _, v in run["loss_curve"]]
+    if not values:
         return "no log"
-    values = [v for _, v in losses]
     if any(not math.isfinite(v) for v in values):
         return "diverged"
-    tail = values[-max(1, len(values) // 10) :]
-    if sum(tail) / len(tail) > values[0]:
+    tail = sum(values[-max(1, len(values) // 10) :]) / max(1, len(values) // 10)
+    if tail > values[0]:
         return "diverged"
-    return "stalled" if sum(tail) / len(tail) > 0.9 * values[0] else "trained"
+    return "stalled" if tail >= run["unigram_loss"] else "trained"
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -199,7 +242,7 @@ def summary(results: list[dict], args, out: Path) -> str:
     n_train, n_val = used(args.max_train_samples, sizes["train"]), used(args.max_eval_samples, sizes["val"])
     n_test = used(args.max_predict_samples, sizes["test_2016_flickr"])
     threads = f"{args.threads} thread(s) per run" if args.threads else "torch's default threads"
-    if getattr(args, "parallel", False):
+    if args.parallel:
         threads += f", the {len(results)} runs side by side (sharing the cores)"
     lines = []
     if args.smoke:
@@ -211,18 +254,21 @@ def summary(results: list[dict], args, out: Path) -> str:
     if n_train < sizes["train"]:
         reduced.append(f"the first {n_train:,} of the {sizes['train']:,} training pairs")
     lines += [
-        f"A 6+6-layer Post-LN Marian (d_model {args.d_model}, {args.heads} heads, FFN {args.ffn_dim}; reduced from "
+        f"A 6+6-layer Post-LN Marian (d_model {args.d_model}, {args.heads} heads, FFN {args.ffn_dim}, dropout "
+        f"{args.dropout:g}; reduced from "
         "Transformer-base widths for the CPU budget) trained from scratch with `recipes/translation.py` on Multi30k "
-        f"en→de, offline, seed 42, batch {args.batch_size} pairs, {' on '.join(reduced)} (reduced for the CPU budget). "
+        f"en→de, offline, seed 42, batch {args.batch_size} pairs, lr {args.learning_rate:g} with linear decay, "
+        f"{' on '.join(reduced)} (reduced for the CPU budget). "
         f"BLEU/chrF: sacrebleu (13a, cased, detokenized), beam {args.beams}, on "
         + (f"val ({n_val:,} pairs) and " if n_val else "")
         + f"test_2016_flickr ({n_test:,} pairs){'' if n_val else '; validation not evaluated'}. "
         f"Hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {threads}. "
         "Produced by `python benchmarks/mt_results.py`; each row's exact command is in `results.json`.",
         "",
-        "| configuration | epochs | optimizer steps | final train loss | status | val BLEU | test_2016_flickr BLEU "
-        "| test chrF | training time | evaluation time | wall time (CPU time) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | epochs | optimizer steps | final train loss (unigram loss) | status | val BLEU "
+        "| test_2016_flickr BLEU | test chrF | test output length (reference) | training time | evaluation time "
+        "| wall time (CPU time) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     nan = float("nan")
     for r in results:
@@ -231,19 +277,26 @@ def summary(results: list[dict], args, out: Path) -> str:
         cpu = f" ({r['cpu_s'] / 60:.1f} min)" if r.get("cpu_s") is not None else ""
         train_s = r.get("train_s") or m.get("train_runtime", nan)
         eval_s = r.get("eval_s", m.get("eval_runtime", 0) + m.get("test_runtime", 0))
+        val_bleu = f"{m['eval_bleu']:.2f}" if "eval_bleu" in m else "not run"
         lines.append(
-            f"| {LABELS[r['config']]} | {r.get('epochs_run') or r['epochs']:.3g} | {r['optimizer_steps']} | {last:.3f} | {r['status']} | "
-            f"{m.get('eval_bleu', nan):.2f} | {m.get('test_bleu', nan):.2f} | {m.get('test_chrf', nan):.2f} | "
-            f"{train_s / 60:.1f} min | {eval_s / 60:.1f} min | {r['wall_s'] / 60:.1f} min{cpu} |"
+            f"| {LABELS[r['config']]} | {r.get('epochs_run') or r['epochs']:.3g} | {r['optimizer_steps']} "
+            f"| {last:.3f} ({r['unigram_loss']:.2f}) | {_status(r)} | {val_bleu} | {m.get('test_bleu', nan):.2f} "
+            f"| {m.get('test_chrf', nan):.2f} | {m.get('test_gen_len', nan):.1f} ({r['test_ref_len']:.1f}) "
+            f"| {train_s / 60:.1f} min | {eval_s / 60:.1f} min | {r['wall_s'] / 60:.1f} min{cpu} |"
         )
     best = max(results, key=lambda r: r["metrics"].get("test_bleu", -1))
     bleu = best["metrics"].get("test_bleu", nan)
     walls = [r["wall_s"] for r in results]
-    total = (max(walls) if getattr(args, "parallel", False) else sum(walls)) / 60  # side by side: the longest run
+    total = (max(walls) if args.parallel else sum(walls)) / 60  # side by side: the longest run
     lines += [
         "",
         f"Best: {LABELS[best['config']]}, test BLEU {bleu:.2f} ({'meets' if bleu >= 30 else 'misses'} the BLEU >= 30 "
         f"target). Total wall time: {total:.0f} min.",
+        "",
+        "Unigram loss: the label-smoothed loss of the best context-free predictor (token frequencies of the training "
+        "targets, under the run's own tokenizer); `stalled` means the final loss did not get below it. Output length: "
+        "mean tokens per generated test translation, with the references' mean in brackets; a model that has not "
+        "learned to stop runs to the 128-token limit.",
         "",
         f"![mt]({(out / 'mt_loss.png').relative_to(ROOT / 'benchmarks').as_posix()})",
     ]
@@ -257,6 +310,8 @@ def main(argv=None):
     parser.add_argument("--d_model", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--ffn_dim", type=int, default=1024)
+    parser.add_argument("--dropout", type=float, default=0.3, help="dropout of the model (attention/FFN: 0.1)")
+    parser.add_argument("--learning_rate", type=float, default=5e-4, help="peak learning rate (linear decay to 0)")
     parser.add_argument("--batch_size", type=int, default=128, help="sentence pairs per optimizer step")
     parser.add_argument("--beams", type=int, default=5, help="beam size of the BLEU evaluation")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run (default: inherited)")
@@ -271,7 +326,8 @@ def main(argv=None):
     )
     parser.add_argument("--max_predict_samples", type=int, default=None, help="first N test pairs (default: all)")
     parser.add_argument("--data_dir", type=Path, default=DATA)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results/mt)")
+    parser.add_argument("--work", type=Path, default=None, help="the runs' folders (default: benchmarks/_work/mt)")
     parser.add_argument("--smoke", action="store_true", help="3 steps per run on a few pairs")
     parser.add_argument("--report-only", action="store_true", help="re-plot and summarise an existing results.json")
     parser.add_argument("--update-results", action="store_true", help="rewrite the section in benchmarks/RESULTS.md")
@@ -280,7 +336,7 @@ def main(argv=None):
         for key in ("max_train_samples", "max_eval_samples", "max_predict_samples", "beams"):
             setattr(args, key, SMOKE[key])
     out = args.out or (WORK / "mt_smoke" if args.smoke else OUT)
-    work = WORK / ("mt_smoke_runs" if args.smoke else "mt")
+    work = args.work or WORK / ("mt_smoke_runs" if args.smoke else "mt")
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     configs = [c for c in args.configs.split(",") if c]
@@ -295,6 +351,12 @@ def main(argv=None):
         results = saved["runs"]
         for key in SETUP_KEYS:
             setattr(args, key, saved.get(key, getattr(args, key)))
+        for run in results:  # results.json written before reference_stats existed: fill in from the run folder
+            if "unigram_loss" not in run:
+                if not (work / run["config"] / "config.json").is_file():
+                    raise SystemExit(f"{run['config']}: no unigram loss in {results_path} and no run folder in {work}")
+                run.update(reference_stats(work / run["config"], args))
+                results_path.write_text(json.dumps({**saved, "runs": results}, indent=1))
     else:
         results = []
         setup = {key: getattr(args, key) for key in SETUP_KEYS}
@@ -305,7 +367,8 @@ def main(argv=None):
             for config in configs:  # one after another; results.json keeps what has finished
                 results.append(finish(start(config, args, work), args, work))
                 results_path.write_text(json.dumps({**setup, "runs": results}, indent=1))
-        results_path.write_text(json.dumps({**setup, "runs": results}, indent=1))
+        if args.parallel:
+            results_path.write_text(json.dumps({**setup, "runs": results}, indent=1))
     plot(results, out / "mt_loss.png")
     text = summary(results, args, out)
     (out / "summary.md").write_text(text + "\n", encoding="utf-8")
@@ -313,7 +376,11 @@ def main(argv=None):
     if args.update_results:
         if args.smoke:
             raise SystemExit("--update-results refuses smoke runs")
-        update_results_md(SECTION, text, "benchmarks/mt_results.py")
+        # one generated block per results folder, so a longer single-configuration run sits beside the comparison
+        script = "benchmarks/mt_results.py"
+        if out.resolve() != OUT:
+            script += f" --out {out.resolve().relative_to(ROOT).as_posix()}"
+        update_results_md(SECTION, text, script)
 
 
 if __name__ == "__main__":
