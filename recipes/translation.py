@@ -341,6 +341,21 @@ def translation_metrics(predictions: list[str], references: list[str]) -> dict[s
     }
 
 
+def generated_lengths(preds: np.ndarray, pad_token_id: int, eos_token_id: int) -> list[int]:
+    """Tokens per generated sequence, up to and including its first `eos_token_id`.
+
+    Counting every token that is not padding is not enough: `generate` fills a sequence that finished early with
+    `eos_token_id` up to the batch's longest, and the Trainer pads across batches with -100. The decoder start token
+    (the pad token for Marian and T5) is not counted.
+    """
+    lengths = []
+    for row in preds:
+        tokens = row[(row != pad_token_id) & (row != -100)]
+        ends = np.flatnonzero(tokens == eos_token_id)
+        lengths.append(int(ends[0]) + 1 if len(ends) else len(tokens))
+    return lengths
+
+
 def bleu_signature() -> str:
     """sacrebleu's BLEU signature (tokenization, smoothing, version) for the model card."""
     bleu = sacrebleu.BLEU()
@@ -439,9 +454,7 @@ def main(argv=None) -> dict:
         preds, labels = eval_preds
         preds = preds[0] if isinstance(preds, tuple) else preds
         metrics = translation_metrics(decode(preds), decode(labels))
-        metrics["gen_len"] = float(
-            np.mean([np.count_nonzero((p != tokenizer.pad_token_id) & (p != -100)) for p in preds])
-        )
+        metrics["gen_len"] = float(np.mean(generated_lengths(preds, tokenizer.pad_token_id, tokenizer.eos_token_id)))
         return metrics
 
     callbacks, admin_cb, clip_cb = clinic_callbacks(clinic)  # hf-clinic

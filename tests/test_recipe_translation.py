@@ -15,6 +15,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
@@ -240,6 +241,19 @@ def test_bleu_recomputed_on_the_written_translations(marian_run):
     assert len(preds) == N
     assert sacrebleu.corpus_bleu(preds, [refs]).score == pytest.approx(metrics["test_bleu"], abs=1e-9)
     assert sacrebleu.corpus_chrf(preds, [refs]).score == pytest.approx(metrics["test_chrf"], abs=1e-9)
+
+
+def test_generated_lengths_stop_at_the_first_eos():
+    pad, eos = 0, 1
+    preds = np.array(
+        [
+            [pad, 5, 6, eos, eos, eos, eos],  # finished early: generate fills with eos
+            [pad, 7, eos, -100, -100, -100, -100],  # shorter batch: the Trainer pads with -100
+            [pad, 8, 9, 10, 11, 12, 13],  # hit the length limit without eos
+            [pad, eos, pad, pad, pad, pad, pad],  # empty translation
+        ]
+    )
+    assert mt.generated_lengths(preds, pad, eos) == [3, 2, 6, 1]
 
 
 def test_stock_export_regenerates_the_translations_without_hf_clinic(marian_run, tmp_path):
