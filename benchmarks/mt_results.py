@@ -175,6 +175,8 @@ def reference_stats(run_dir: Path, args) -> dict:
     """What a run's numbers are read against, from its own tokenizer: the unigram loss and the test references' length.
 
     A training loss still near `unigram_loss` means the decoder has learned little beyond token frequencies.
+    `test_output_len` re-tokenizes the written translations the same way as the references, so the two lengths
+    compare directly.
     """
     from transformers import AutoTokenizer
 
@@ -188,7 +190,9 @@ def reference_stats(run_dir: Path, args) -> dict:
 
     counts = Counter(token for ids in target_ids("train", args.max_train_samples) for token in ids)
     test = target_ids("test_2016_flickr", args.max_predict_samples)
+    outputs = (run_dir / "generated_predictions_test.txt").read_text(encoding="utf-8").splitlines()
     return {
+        "test_output_len": sum(len(ids) for ids in tokenizer(text_target=outputs)["input_ids"]) / len(outputs),
         "unigram_loss": unigram_loss(counts, vocab_size, LABEL_SMOOTHING),
         "test_ref_len": sum(map(len, test)) / len(test),
     }
@@ -281,7 +285,7 @@ def summary(results: list[dict], args, out: Path) -> str:
         lines.append(
             f"| {LABELS[r['config']]} | {r.get('epochs_run') or r['epochs']:.3g} | {r['optimizer_steps']} "
             f"| {last:.3f} ({r['unigram_loss']:.2f}) | {_status(r)} | {val_bleu} | {m.get('test_bleu', nan):.2f} "
-            f"| {m.get('test_chrf', nan):.2f} | {m.get('test_gen_len', nan):.1f} ({r['test_ref_len']:.1f}) "
+            f"| {m.get('test_chrf', nan):.2f} | {r['test_output_len']:.1f} ({r['test_ref_len']:.1f}) "
             f"| {train_s / 60:.1f} min | {eval_s / 60:.1f} min | {r['wall_s'] / 60:.1f} min{cpu} |"
         )
     best = max(results, key=lambda r: r["metrics"].get("test_bleu", -1))
@@ -295,8 +299,8 @@ def summary(results: list[dict], args, out: Path) -> str:
         "",
         "Unigram loss: the label-smoothed loss of the best context-free predictor (token frequencies of the training "
         "targets, under the run's own tokenizer); `stalled` means the final loss did not get below it. Output length: "
-        "mean tokens per generated test translation, with the references' mean in brackets; a model that has not "
-        "learned to stop runs to the 128-token limit.",
+        "mean tokens per written test translation (re-tokenized, with </s>), the references' mean in brackets; a model "
+        "that has not learned to stop runs long.",
         "",
         f"![mt]({(out / 'mt_loss.png').relative_to(ROOT / 'benchmarks').as_posix()})",
     ]
@@ -335,8 +339,8 @@ def main(argv=None):
     if args.smoke:
         for key in ("max_train_samples", "max_eval_samples", "max_predict_samples", "beams"):
             setattr(args, key, SMOKE[key])
-    out = args.out or (WORK / "mt_smoke" if args.smoke else OUT)
-    work = args.work or WORK / ("mt_smoke_runs" if args.smoke else "mt")
+    out = (args.out or (WORK / "mt_smoke" if args.smoke else OUT)).resolve()
+    work = (args.work or WORK / ("mt_smoke_runs" if args.smoke else "mt")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     configs = [c for c in args.configs.split(",") if c]
@@ -352,9 +356,11 @@ def main(argv=None):
         for key in SETUP_KEYS:
             setattr(args, key, saved.get(key, getattr(args, key)))
         for run in results:  # results.json written before reference_stats existed: fill in from the run folder
-            if "unigram_loss" not in run:
+            if "test_output_len" not in run:
                 if not (work / run["config"] / "config.json").is_file():
-                    raise SystemExit(f"{run['config']}: no unigram loss in {results_path} and no run folder in {work}")
+                    raise SystemExit(
+                        f"{run['config']}: no reference stats in {results_path} and no run folder in {work}"
+                    )
                 run.update(reference_stats(work / run["config"], args))
                 results_path.write_text(json.dumps({**saved, "runs": results}, indent=1))
     else:
