@@ -205,7 +205,8 @@ def _status(run: dict) -> str:
         return "no log"
     if any(not math.isfinite(v) for v in values):
         return "diverged"
-    tail = sum(values[-max(1, len(values) // 10) :]) / max(1, len(values) // 10)
+    last = max(1, len(values) // 10)  # the mean of the last tenth of the logged losses
+    tail = sum(values[-last:]) / last
     if tail > values[0]:
         return "diverged"
     return "stalled" if tail >= run["unigram_loss"] else "trained"
@@ -355,14 +356,14 @@ def main(argv=None):
         results = saved["runs"]
         for key in SETUP_KEYS:
             setattr(args, key, saved.get(key, getattr(args, key)))
-        for run in results:  # results.json written before reference_stats existed: fill in from the run folder
-            if "test_output_len" not in run:
-                if not (work / run["config"] / "config.json").is_file():
-                    raise SystemExit(
-                        f"{run['config']}: no reference stats in {results_path} and no run folder in {work}"
-                    )
-                run.update(reference_stats(work / run["config"], args))
-                results_path.write_text(json.dumps({**saved, "runs": results}, indent=1))
+        # results.json written before reference_stats existed: fill in from the run folders, then save once
+        missing = [run for run in results if "test_output_len" not in run]
+        for run in missing:
+            if not (work / run["config"] / "config.json").is_file():
+                raise SystemExit(f"{run['config']}: no reference stats in {results_path} and no run folder in {work}")
+            run.update(reference_stats(work / run["config"], args))
+        if missing:
+            results_path.write_text(json.dumps({**saved, "runs": results}, indent=1))
     else:
         results = []
         setup = {key: getattr(args, key) for key in SETUP_KEYS}
@@ -384,8 +385,8 @@ def main(argv=None):
             raise SystemExit("--update-results refuses smoke runs")
         # one generated block per results folder, so a longer single-configuration run sits beside the comparison
         script = "benchmarks/mt_results.py"
-        if out.resolve() != OUT:
-            script += f" --out {out.resolve().relative_to(ROOT).as_posix()}"
+        if out != OUT:
+            script += f" --out {out.relative_to(ROOT).as_posix()}"
         update_results_md(SECTION, text, script)
 
 
