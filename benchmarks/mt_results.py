@@ -315,7 +315,9 @@ def main(argv=None):
     parser.add_argument("--d_model", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--ffn_dim", type=int, default=1024)
-    parser.add_argument("--dropout", type=float, default=0.3, help="dropout of the model (attention/FFN: 0.1)")
+    parser.add_argument(
+        "--dropout", type=float, default=0.3, help="residual and embedding dropout (attention/activation: 0.1)"
+    )
     parser.add_argument("--learning_rate", type=float, default=5e-4, help="peak learning rate (linear decay to 0)")
     parser.add_argument("--batch_size", type=int, default=128, help="sentence pairs per optimizer step")
     parser.add_argument("--beams", type=int, default=5, help="beam size of the BLEU evaluation")
@@ -365,17 +367,16 @@ def main(argv=None):
         if missing:
             results_path.write_text(json.dumps({**saved, "runs": results}, indent=1))
     else:
-        results = []
         setup = {key: getattr(args, key) for key in SETUP_KEYS}
         if args.parallel:
             jobs = [start(config, args, work) for config in configs]
             results = [finish(job, args, work) for job in jobs]
+            results_path.write_text(json.dumps({**setup, "runs": results}, indent=1))
         else:
+            results = []
             for config in configs:  # one after another; results.json keeps what has finished
                 results.append(finish(start(config, args, work), args, work))
                 results_path.write_text(json.dumps({**setup, "runs": results}, indent=1))
-        if args.parallel:
-            results_path.write_text(json.dumps({**setup, "runs": results}, indent=1))
     plot(results, out / "mt_loss.png")
     text = summary(results, args, out)
     (out / "summary.md").write_text(text + "\n", encoding="utf-8")
